@@ -1,0 +1,170 @@
+"""The manifest: one row per clip, the contract between dataset adapters and preprocessing.
+
+A manifest is two files side by side:
+
+    <name>.jsonl        one ``ClipRecord`` per line (Ray Data and pandas read it directly)
+    <name>.info.json    one ``DatasetInfo``: task, class names, fold count, the dataset root
+
+Media paths in the records are relative to ``DatasetInfo.root`` (so a manifest does not depend on where
+the dataset happens to be mounted, only the info file does).
+
+The fold column holds the paper protocol's test fold (1-based). The clean protocol's validation split is
+derived from it by ``split_for_fold``: a deterministic, speaker-disjoint slice of the training folds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Task = Literal["classification", "regression", "unlabelled"]
+
+
+class ClipRecord(BaseModel):
+    """One clip of a dataset, as an adapter found it on disk."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clip_id: str = Field(min_length=1)
+    video: str = Field(min_length=1, description="media file with the face video, relative to the root")
+    audio: str | None = Field(None, description="separate audio file; None = the audio stream of `video`")
+    start: float | None = Field(None, ge=0, description="segment start in seconds inside a longer recording")
+    end: float | None = Field(None, gt=0, description="segment end in seconds")
+    label: int | None = Field(None, ge=0, description="class index into DatasetInfo.classes")
+    targets: list[float] | None = Field(None, description="dimensional labels, DatasetInfo.targets order")
+    speaker: str | None = Field(None, description="speaker/subject id; None when the dataset has none")
+    fold: int | None = Field(None, ge=1, description="1-based test fold of the paper protocol")
+
+    @model_validator(mode="after")
+    def _segment_is_ordered(self) -> ClipRecord:
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError(f"clip {self.clip_id}: end {self.end} is not after start {self.start}")
+        return self
+
+
+class DatasetInfo(BaseModel):
+    """What a manifest's rows mean."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    task: Task
+    root: str = Field(description="absolute path of the dataset folder the media paths are relative to")
+    classes: list[str] = Field(default_factory=list, description="class names in label-index order")
+    targets: list[str] = Field(default_factory=list, description="names of the dimensional targets")
+    num_folds: int = Field(0, ge=0)
+    protocol: str = Field("", description="one sentence: how the folds were formed")
+
+    @model_validator(mode="after")
+    def _task_fields_agree(self) -> DatasetInfo:
+        if self.task == "classification" and len(self.classes) < 2:
+            raise ValueError(f"dataset {self.name}: classification needs at least two class names")
+        if self.task == "regression" and not self.targets:
+            raise ValueError(f"dataset {self.name}: regression needs target names")
+        return self
+
+
+def info_path(manifest_path: str | os.PathLike) -> Path:
+    path = Path(manifest_path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".info.json")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def validate_clips(info: DatasetInfo, clips: Sequence[ClipRecord]) -> None:
+    """Cross-row checks: unique ids, labels inside the class list, folds inside the fold count."""
+    seen: set[str] = set()
+    for clip in clips:
+        if clip.clip_id in seen:
+            raise ValueError(f"dataset {info.name}: clip id {clip.clip_id!r} appears twice")
+        seen.add(clip.clip_id)
+        if info.task == "classification":
+            if clip.label is None or clip.label >= len(info.classes):
+                raise ValueError(f"dataset {info.name}: clip {clip.clip_id} has label {clip.label}, "
+                                 f"expected 0..{len(info.classes) - 1}")
+        if info.task == "regression":
+            if clip.targets is None or len(clip.targets) != len(info.targets):
+                raise ValueError(f"dataset {info.name}: clip {clip.clip_id} has targets {clip.targets}, "
+                                 f"expected {len(info.targets)} values")
+        if info.num_folds and (clip.fold is None or clip.fold > info.num_folds):
+            raise ValueError(f"dataset {info.name}: clip {clip.clip_id} has fold {clip.fold}, "
+                             f"expected 1..{info.num_folds}")
+
+
+def write_manifest(path: str | os.PathLike, info: DatasetInfo, clips: Sequence[ClipRecord]) -> Path:
+    """Validate and write ``path`` (.jsonl) and its info file atomically; returns the .jsonl path."""
+    path = Path(path)
+    validate_clips(info, clips)
+    lines = [clip.model_dump_json(exclude_none=True) for clip in clips]
+    _atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    _atomic_write_text(info_path(path), info.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[DatasetInfo, list[ClipRecord]]:
+    """Read a manifest; a malformed line fails with the file and line number."""
+    path = Path(path)
+    try:
+        info = DatasetInfo.model_validate_json(info_path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: its info file {info_path(path)} is missing") from err
+    clips = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                clips.append(ClipRecord.model_validate_json(line))
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: not a valid clip record: {err}") from err
+    validate_clips(info, clips)
+    return info, clips
+
+
+def _stable_order(text: str, seed: int) -> bytes:
+    return hashlib.sha256(f"{seed}:{text}".encode()).digest()
+
+
+def split_for_fold(
+    clips: Iterable[ClipRecord], test_fold: int, val_fraction: float = 0.1, seed: int = 0
+) -> dict[str, list[ClipRecord]]:
+    """Train / val / test for one test fold under the clean protocol.
+
+    Validation takes ``ceil(val_fraction * n)`` of the n speakers of the training folds (clips, when speakers
+    are unknown), ordered by a seeded hash: stable across machines and runs, speaker-disjoint from
+    training. ``val_fraction=0`` gives the reference protocol's train/test only.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    clips = list(clips)
+    group_of = {clip.clip_id: clip.speaker if clip.speaker is not None else clip.clip_id for clip in clips}
+    train_groups = sorted({group_of[c.clip_id] for c in clips if c.fold != test_fold},
+                          key=lambda group: _stable_order(group, seed))
+    n_val = math.ceil(val_fraction * len(train_groups)) if val_fraction > 0 else 0
+    val_groups = set(train_groups[:n_val])
+    split: dict[str, list[ClipRecord]] = {"train": [], "val": [], "test": []}
+    for clip in clips:
+        if clip.fold == test_fold:
+            split["test"].append(clip)
+        elif group_of[clip.clip_id] in val_groups:
+            split["val"].append(clip)
+        else:
+            split["train"].append(clip)
+    return split
+
+
+def write_json(path: str | os.PathLike, payload: object) -> None:
+    """Atomically write pretty JSON (shared helper for summaries and metrics files)."""
+    _atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
