@@ -1,0 +1,141 @@
+"""Real test media: the astronaut photo (a real face) in frames, espeak-ng speech, encoded by PyAV.
+
+``write_clip`` encodes h264/aac mp4 (or another container by suffix) with options for the awkward cases a
+dataset throws at the preprocessing: rotation metadata, variable frame rate, odd sizes, 8 kHz stereo audio,
+no audio, no face.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from skimage import data
+
+# The astronaut's head and shoulders in skimage.data.astronaut() (512x512): rows, columns.
+HEAD = (slice(20, 300), slice(110, 340))
+
+
+@lru_cache(maxsize=1)
+def head_image() -> np.ndarray:
+    """(280, 230, 3) uint8 RGB: the astronaut's head with some background."""
+    return np.ascontiguousarray(data.astronaut()[HEAD])
+
+
+def face_frame(width: int, height: int, t: float, face: bool = True) -> np.ndarray:
+    """One (height, width, 3) frame: a textured background and, if ``face``, the head drifting slowly."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    frame = np.stack([(xs * 255 // max(width, 1)), (ys * 255 // max(height, 1)),
+                      np.full_like(xs, 90)], axis=-1).astype(np.uint8)
+    if face:
+        head_h = int(height * 0.85)
+        head_w = max(1, int(head_image().shape[1] * head_h / head_image().shape[0]))
+        head = cv2.resize(head_image(), (head_w, head_h), interpolation=cv2.INTER_AREA)
+        x0 = int((width - head_w) / 2 + 0.05 * width * np.sin(2 * np.pi * t / 2))
+        y0 = height - head_h
+        x0 = min(max(x0, 0), width - head_w) if head_w <= width else 0
+        visible = head[:, : width - x0]
+        frame[y0:y0 + head_h, x0:x0 + visible.shape[1]] = visible
+    return frame
+
+
+def speech_wav(path: str | Path, text: str = "The quick brown fox jumps over the lazy dog") -> Path:
+    """Synthesise speech with espeak-ng (22.05 kHz mono wav)."""
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
+    return Path(path)
+
+
+def load_audio(path: str | Path, rate: int, channels: int) -> np.ndarray:
+    """Decode any audio file to (channels, samples) float32 at ``rate``."""
+    layout = "mono" if channels == 1 else "stereo"
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+    chunks = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            chunks += [out.to_ndarray() for out in resampler.resample(frame)]
+    chunks += [out.to_ndarray() for out in resampler.resample(None)]
+    return np.concatenate(chunks, axis=1)
+
+
+def _audio_stream(container, rate: int, channels: int, codec: str):
+    return container.add_stream(codec, rate=rate, layout="mono" if channels == 1 else "stereo")
+
+
+def _encode_audio(container, stream, samples: np.ndarray, rate: int, codec: str) -> None:
+    """Encode (channels, samples) float32 into ``stream``, 1024-sample frames."""
+    layout = "mono" if len(samples) == 1 else "stereo"
+    fmt = "fltp" if codec == "aac" else "s16"
+    for start in range(0, samples.shape[1], 1024):
+        chunk = samples[:, start:start + 1024]
+        if fmt == "s16":
+            chunk = (np.clip(chunk, -1, 1) * 32767).astype(np.int16).T.reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format=fmt, layout=layout)
+        frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def write_clip(path: str | Path, seconds: float = 2.0, size: tuple[int, int] = (320, 240), fps: int = 25,
+               face: bool = True, speech: Path | None = None, audio_rate: int = 44100, channels: int = 1,
+               video: bool = True, rotation: int = 0, vfr: bool = False, codec: str = "libx264") -> Path:
+    """Encode a test clip and return its path.
+
+    size: displayed (width, height). rotation: degrees counter-clockwise stored in the display matrix; the
+    pixels are stored turned the other way, so a correct decoder shows the face upright. vfr: frame intervals
+    alternate 20 ms and 60 ms (40 ms on average). speech: a wav to use as the audio track (None: no audio).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio_codec = "pcm_s16le" if path.suffix in (".wav", ".avi", ".mkv") else "aac"
+    with av.open(str(path), "w") as container:
+        video_stream = _video_stream(container, size, fps, rotation, vfr, codec) if video else None
+        audio_stream = _audio_stream(container, audio_rate, channels, audio_codec) if speech else None
+        if video_stream is not None:
+            _encode_video(container, video_stream, seconds, size, fps, face, rotation, vfr)
+        if audio_stream is not None:
+            samples = load_audio(speech, audio_rate, channels)
+            samples = np.pad(samples, ((0, 0), (0, max(0, int(seconds * audio_rate) - samples.shape[1]))))
+            _encode_audio(container, audio_stream, samples[:, : int(seconds * audio_rate)], audio_rate,
+                          audio_codec)
+    return path
+
+
+def _video_stream(container, size, fps, rotation, vfr, codec):
+    width, height = size
+    stored = (height, width) if rotation % 180 else (width, height)
+    stream = container.add_stream(codec, rate=fps if not vfr else 1000)
+    stream.width, stream.height = stored
+    stream.pix_fmt = "yuv420p" if codec in ("libx264", "mpeg4", "flv") else "yuv444p"
+    if codec == "libx264":
+        stream.options = {"preset": "ultrafast"}
+    if vfr:
+        stream.codec_context.time_base = Fraction(1, 1000)
+    if rotation:
+        stream.set_display_rotation(rotation)
+    return stream
+
+
+def _encode_video(container, stream, seconds, size, fps, face, rotation, vfr) -> None:
+    width, height = size
+    times = _frame_times(seconds, fps, vfr)
+    for index, t in enumerate(times):
+        image = np.ascontiguousarray(np.rot90(face_frame(width, height, t, face), -(rotation // 90)))
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame.pts = round(t * 1000) if vfr else index
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def _frame_times(seconds: float, fps: int, vfr: bool) -> list[float]:
+    if not vfr:
+        return [i / fps for i in range(round(seconds * fps))]
+    times, t, steps = [], 0.0, [0.02, 0.06]
+    while t < seconds - 1e-9:
+        times.append(t)
+        t += steps[len(times) % 2]
+    return times
