@@ -15,6 +15,7 @@ Time alignment: video frame t covers [t / fps, (t + 1) / fps) seconds; fbank fra
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import webdataset as wds
 
 JPEG_QUALITY = 90
 FRAMES_FIELD, FBANK_FIELD, META_FIELD = "frames.jpgs", "fbank.npy", "meta.json"
@@ -44,9 +46,10 @@ class ClipSample:
         return self.meta["key"]
 
 
-def sample_key(clip_id: str, unit_hash: str) -> str:
-    """A tar-safe key (no dots or slashes) that stays unique: the cleaned clip id plus a short hash."""
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', clip_id)[:80]}_{unit_hash[:8]}"
+def sample_key(clip_id: str) -> str:
+    """A tar-safe key (no dots or slashes) that stays unique: the cleaned clip id plus a hash of it."""
+    digest = hashlib.sha256(clip_id.encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', clip_id)[:80]}_{digest}"
 
 
 def encode_frames(frames: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
@@ -82,9 +85,9 @@ def encode_fbank(fbank: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_sample(frames: np.ndarray, fbank: np.ndarray, meta: dict) -> dict:
+def encode_sample(frames: np.ndarray, fbank: np.ndarray, meta: dict, quality: int = JPEG_QUALITY) -> dict:
     """A clip as a WebDataset sample dict (``__key__`` from ``meta['key']``)."""
-    return {"__key__": meta["key"], FRAMES_FIELD: encode_frames(frames), FBANK_FIELD: encode_fbank(fbank),
+    return {"__key__": meta["key"], FRAMES_FIELD: encode_frames(frames, quality), FBANK_FIELD: encode_fbank(fbank),
             META_FIELD: json.dumps(meta, sort_keys=True).encode()}
 
 
@@ -97,8 +100,6 @@ def decode_sample(sample: dict) -> ClipSample:
 
 def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     """Write encoded samples to ``path`` atomically (temp file, then rename); returns the sample count."""
-    import webdataset as wds
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -117,8 +118,6 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
 
 def iter_shards(paths: Iterable[str | os.PathLike]) -> Iterator[ClipSample]:
     """Read shards in order and yield every clip decoded."""
-    import webdataset as wds
-
     urls = [str(path) for path in paths]
     if not urls:
         return

@@ -1,0 +1,85 @@
+"""One clip from its source media to a shard sample: decode, detect, align and crop, fbank, encode."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from preprocessing.decode import AUDIO_RATE, MediaError, decode_audio, decode_video
+from preprocessing.face import FaceDetector, crop_faces, main_track_geometry
+from preprocessing.fbank import FRAME_LENGTH, FRAME_SHIFT, FRAMES_PER_SECOND, log_mel_fbank
+from preprocessing.manifest import ClipRecord, DatasetInfo
+from preprocessing.settings import PreprocessSettings
+from preprocessing.shards import encode_sample
+
+STAGES = ("decode", "detect", "align_crop", "fbank", "encode", "write")
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def clip_meta(info: DatasetInfo, clip: ClipRecord, key: str, settings: PreprocessSettings, **fields) -> dict:
+    """The meta.json of a sample: the clip's labels plus what preprocessing measured."""
+    return {"dataset": info.name, "clip_id": clip.clip_id, "key": key, "label": clip.label,
+            "targets": clip.targets, "speaker": clip.speaker, "fold": clip.fold, "fps": settings.fps,
+            "fbank_rate": FRAMES_PER_SECOND, "fbank_shift_s": FRAME_SHIFT / AUDIO_RATE,
+            "fbank_window_s": FRAME_LENGTH / AUDIO_RATE, "crop_size": settings.crop_size,
+            "frames_format": f"jpeg q{settings.jpeg_quality}", **fields}
+
+
+def process_clip(info: DatasetInfo, clip: ClipRecord, key: str, settings: PreprocessSettings,
+                 detector: FaceDetector, timings: dict[str, float]) -> dict:
+    """Turn one clip into an encoded shard sample; failures raise MediaError with a reason."""
+    root = Path(info.root)
+    video_path = root / clip.video
+    audio_path = root / clip.audio if clip.audio else video_path
+    with timed(timings, "decode"):
+        video, origin = decode_video(video_path, settings.fps, clip.start, clip.end, settings.max_short_side)
+        if video.duration < settings.min_duration:
+            raise MediaError("too_short", video_path, f"{video.duration:.3f} s of video, "
+                             f"less than {settings.min_duration} s")
+        wave, audio_duration = decode_audio(audio_path, origin, video.duration)
+        sources = {"video": clip.video, "video_sha256": file_sha256(video_path)}
+        if clip.audio:
+            sources |= {"audio": clip.audio, "audio_sha256": file_sha256(audio_path)}
+    with timed(timings, "detect"):
+        detections = [detector.detect(frame) for frame in video.frames]
+    with timed(timings, "align_crop"):
+        try:
+            geometry, stats = main_track_geometry(detections, settings.smooth_frames)
+        except ValueError as err:
+            raise MediaError("no_face", video_path, str(err)) from err
+        if stats.fraction < settings.min_face_fraction:
+            raise MediaError("no_face", video_path, f"a face in {stats.detected} of {stats.frames} frames, "
+                             f"fewer than {settings.min_face_fraction:.0%}")
+        crops = crop_faces(video.frames, geometry, settings.crop_size)
+    with timed(timings, "fbank"):
+        fbank = log_mel_fbank(wave, AUDIO_RATE)
+    meta = clip_meta(info, clip, key, settings, num_frames=len(crops), duration=video.duration,
+                     fbank_frames=len(fbank), audio_duration=round(audio_duration, 4),
+                     face={"frames": stats.frames, "detected": stats.detected,
+                           "fraction": round(stats.fraction, 4), "tracks": stats.tracks,
+                           "mean_score": round(stats.mean_score, 4)},
+                     source={**sources, "start": clip.start, "end": clip.end, "origin": origin,
+                             "source_fps": round(video.source_fps, 4), "rotation": video.rotation,
+                             "height": int(video.frames.shape[1]), "width": int(video.frames.shape[2])})
+    with timed(timings, "encode"):
+        return encode_sample(crops, fbank, meta, settings.jpeg_quality)

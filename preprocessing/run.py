@@ -1,0 +1,171 @@
+"""Preprocess a manifest into WebDataset shards, a status table and a summary, on Ray Data.
+
+    python -m preprocessing.run --manifest M.jsonl --out DIR [--fps 25 --min-face-fraction 0.5
+                                --shard-size 64 --workers 2 --cpus-per-worker 0.5 --no-ray]
+
+Writes ``DIR/shards/shard-XXXXXX.tar`` (one per work unit with at least one good clip), ``DIR/status.jsonl``
+(one row per manifest clip: ``ok`` or a named failure with the file and the reason) and ``DIR/summary.json``.
+Ray starts locally on loopback unless ``RAY_ADDRESS`` names a cluster. Each worker process holds one face
+detector. Re-running with the same inputs and settings redoes only the units that are missing (see units.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from preprocessing.clip import STAGES
+from preprocessing.face import FaceDetector
+from preprocessing.face_model import ensure_face_model
+from preprocessing.manifest import DatasetInfo, read_manifest, write_json
+from preprocessing.settings import PreprocessSettings
+from preprocessing.units import WorkUnit, plan_units, process_unit, read_status, remove_leftovers, unit_done
+
+
+class UnitWorker:
+    """A Ray Data callable class: one face detector per worker process, one unit per batch row."""
+
+    def __init__(self, out_dir: str, info_json: str, settings_json: str, model_path: str):
+        self.out_dir = Path(out_dir)
+        self.info = DatasetInfo.model_validate_json(info_json)
+        self.settings = PreprocessSettings.model_validate_json(settings_json)
+        self.detector = FaceDetector(model_path, self.settings.min_detection_confidence,
+                                     self.settings.detect_long_side)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done = [process_unit(self.out_dir, self.info, WorkUnit.from_json(text), self.settings, self.detector)
+                for text in batch["unit"]]
+        return {"clips": np.array([len(status["clips"]) for status in done])}
+
+
+def _start_ray(settings: PreprocessSettings) -> bool:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray on loopback; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _run_on_ray(out_dir: Path, info: DatasetInfo, units: list[WorkUnit], settings: PreprocessSettings,
+                model_path: str) -> Iterator[int]:
+    """Process units on Ray Data; yields the clip count of each finished unit."""
+    import ray
+
+    started = _start_ray(settings)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        workers = settings.workers or max(1, min(len(units), os.cpu_count() or 1))
+        dataset = ray.data.from_items([{"unit": unit.to_json()} for unit in units],
+                                      override_num_blocks=len(units))
+        dataset = dataset.map_batches(
+            UnitWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=settings.cpus_per_worker,
+            fn_constructor_kwargs={"out_dir": str(out_dir.resolve()), "info_json": info.model_dump_json(),
+                                   "settings_json": settings.model_dump_json(), "model_path": model_path})
+        for row in dataset.iter_rows():
+            yield int(row["clips"])
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_here(out_dir: Path, info: DatasetInfo, units: list[WorkUnit], settings: PreprocessSettings,
+              model_path: str) -> Iterator[int]:
+    """Process units one after another in this process (no Ray)."""
+    with FaceDetector(model_path, settings.min_detection_confidence, settings.detect_long_side) as detector:
+        for unit in units:
+            yield len(process_unit(out_dir, info, unit, settings, detector)["clips"])
+
+
+def summarise(statuses: list[dict], processed: int, wall: float) -> dict:
+    """Clip counts by outcome and seconds per stage (summed over all units of the output)."""
+    rows = [row for status in statuses for row in status["clips"]]
+    outcomes = Counter(row["status"] for row in rows)
+    seconds = {stage: round(sum(status["seconds"].get(stage, 0.0) for status in statuses), 3)
+               for stage in STAGES}
+    return {"clips": len(rows), "ok": outcomes.pop("ok", 0), "failed": dict(sorted(outcomes.items())),
+            "shards": sorted({status["shard"] for status in statuses if status["shard"]}),
+            "units": len(statuses), "units_processed_now": processed, "stage_seconds": seconds,
+            "wall_seconds_now": round(wall, 3)}
+
+
+def _write_status_table(out_dir: Path, statuses: list[dict]) -> None:
+    lines = [json.dumps(row, ensure_ascii=False) for status in statuses for row in status["clips"]]
+    tmp = out_dir / f".status.jsonl.tmp-{os.getpid()}"
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, out_dir / "status.jsonl")
+
+
+def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike,
+               settings: PreprocessSettings | None = None) -> dict:
+    """Preprocess every clip of ``manifest`` into ``out_dir``; returns the summary (also in summary.json)."""
+    settings = settings or PreprocessSettings()
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    info, clips = read_manifest(manifest)
+    units = plan_units(info, clips, settings)
+    remove_leftovers(out_dir, units)
+    todo = [unit for unit in units if not unit_done(out_dir, unit)]
+    if todo:
+        model_path = str(ensure_face_model(settings.face_model))
+        run = _run_on_ray if settings.use_ray else _run_here
+        with _progress(settings, len(clips), sum(len(unit.clips) for unit in units if unit not in todo)) as bar:
+            for count in run(out_dir, info, todo, settings, model_path):
+                bar.update(count)
+    statuses = [read_status(out_dir, unit.index) for unit in units]
+    missing = [unit.index for unit, status in zip(units, statuses, strict=True) if status is None]
+    if missing:
+        raise RuntimeError(f"{out_dir}: units {missing} did not finish; run again to complete them")
+    _write_status_table(out_dir, statuses)
+    summary = summarise(statuses, len(todo), time.perf_counter() - start)
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _progress(settings: PreprocessSettings, total: int, done: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="clip", desc="preprocess", disable=not settings.progress,
+                file=sys.stderr)
+
+
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, PreprocessSettings]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", required=True, help="manifest .jsonl (its .info.json beside it)")
+    parser.add_argument("--out", required=True, help="output folder")
+    for name, field in PreprocessSettings.model_fields.items():
+        if field.annotation is bool:
+            continue
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=field.description)
+    parser.add_argument("--no-ray", action="store_true", help="process in this process, without Ray")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    values = {name: getattr(args, name) for name in PreprocessSettings.model_fields
+              if getattr(args, name, None) is not None}
+    settings = PreprocessSettings(**values, use_ray=not args.no_ray, progress=not args.no_progress)
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, settings = _parse_args(argv)
+    summary = preprocess(args.manifest, args.out, settings)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

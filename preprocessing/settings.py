@@ -1,0 +1,34 @@
+"""Preprocessing settings: what shapes the output (hashed for resuming) and how the run is executed."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Fields that only change how a run executes, not what it writes; left out of the work-unit hash.
+EXECUTION_FIELDS = {"workers", "cpus_per_worker", "use_ray", "face_model", "progress"}
+
+
+class PreprocessSettings(BaseModel):
+    """Settings of ``preprocess``; invalid values fail at construction naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fps: float = Field(25.0, gt=0, description="output video frame rate")
+    min_face_fraction: float = Field(0.5, ge=0, le=1, description="fewer frames with a face: no_face")
+    min_duration: float = Field(0.3, gt=0, description="shorter clips fail as too_short (seconds)")
+    shard_size: int = Field(64, ge=1, description="clips per work unit and shard")
+    crop_size: int = Field(160, ge=16, description="side of the aligned face crops")
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    detect_long_side: int = Field(320, ge=64, description="frames are downscaled to this for detection")
+    max_short_side: int = Field(480, ge=64, description="decoded frames are downscaled to this")
+    min_detection_confidence: float = Field(0.5, gt=0, lt=1)
+    smooth_frames: int = Field(5, ge=1, description="moving-average window for face boxes and keypoints")
+    face_model: str | None = Field(None, description="face detector .tflite; None: $HICMAE_FACE_MODEL/cache")
+    workers: int | None = Field(None, ge=1, description="parallel worker processes; None: one per CPU")
+    cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs each worker claims")
+    use_ray: bool = Field(True, description="False: process units in this process (debugging)")
+    progress: bool = True
+
+    def output_fingerprint(self) -> dict:
+        """The settings that change the output, for the work-unit hash."""
+        return self.model_dump(exclude=EXECUTION_FIELDS)
