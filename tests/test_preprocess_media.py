@@ -1,0 +1,135 @@
+"""Decoding, face alignment and the shard format on real encoded media (no Ray)."""
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from media import speech_wav, write_clip
+
+from preprocessing.clip import process_clip
+from preprocessing.decode import MediaError, _nearest_frames, decode_audio, decode_video
+from preprocessing.face import FaceDetector
+from preprocessing.face_model import ensure_face_model
+from preprocessing.manifest import ClipRecord, DatasetInfo
+from preprocessing.settings import PreprocessSettings
+from preprocessing.shards import decode_sample, encode_sample, fbank_window, iter_shards, write_shard
+
+
+@pytest.fixture(scope="module")
+def detector():
+    with FaceDetector(str(ensure_face_model())) as face_detector:
+        yield face_detector
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    return speech_wav(tmp_path_factory.mktemp("speech") / "speech.wav")
+
+
+def _click_wav(path: Path, seconds: float, click_at: float, rate: int = 22050) -> Path:
+    """A silent mono wav with one loud 5 ms click."""
+    samples = np.zeros(int(seconds * rate), np.int16)
+    samples[int(click_at * rate): int(click_at * rate) + rate // 200] = 20000
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes(samples.tobytes())
+    return path
+
+
+def test_nearest_frames_resamples_by_timestamp():
+    """Source frames at 10 fps with jitter, resampled to 25 fps: each output takes the nearest source."""
+    times = [0.0, 0.1, 0.21, 0.3, 0.4]
+    timed = iter([(t, 0.1, index) for index, t in enumerate(times)])
+    picked = list(_nearest_frames(timed, fps=25, origin=0.0, end=None))
+    assert len(picked) == round(0.5 * 25)
+    expected = [int(np.argmin([abs(t - k / 25) for t in times])) for k in range(len(picked))]
+    assert picked == expected
+
+
+def test_video_and_audio_share_one_timeline(tmp_path):
+    click = _click_wav(tmp_path / "click.wav", 2.0, click_at=1.0)
+    path = write_clip(tmp_path / "clip.mp4", seconds=2.0, speech=click, audio_rate=44100)
+    video, origin = decode_video(path, fps=25)
+    audio, own_duration = decode_audio(path, origin, video.duration)
+    assert video.frames.shape == (50, 240, 320, 3)
+    assert len(audio) == 32000 and audio.dtype == np.float32
+    assert abs(int(np.argmax(np.abs(audio))) - 16000) < 16000 * 0.03  # the click is at 1.0 s (+-30 ms)
+    assert abs(own_duration - 2.0) < 0.1
+
+
+def test_segment_start_end(tmp_path, speech):
+    path = write_clip(tmp_path / "long.mp4", seconds=3.0, speech=speech)
+    video, origin = decode_video(path, fps=25, start=0.5, end=2.0)
+    audio, _ = decode_audio(path, origin, video.duration)
+    assert origin == 0.5
+    assert len(video.frames) in (37, 38)  # 1.5 s at 25 fps
+    assert len(audio) == round(len(video.frames) / 25 * 16000)
+
+
+def test_rotation_metadata_gives_upright_frames(tmp_path):
+    path = write_clip(tmp_path / "rotated.mp4", seconds=1.0, rotation=90)
+    video, _ = decode_video(path)
+    assert video.rotation == 90
+    assert video.frames.shape[1:3] == (240, 320)  # displayed size, not the stored 240x320
+
+
+def test_variable_frame_rate(tmp_path):
+    path = write_clip(tmp_path / "vfr.mp4", seconds=2.0, vfr=True)
+    video, _ = decode_video(path, fps=25)
+    assert len(video.frames) == 50
+
+
+def test_eight_khz_stereo_becomes_16k_mono(tmp_path, speech):
+    path = write_clip(tmp_path / "stereo.mp4", seconds=1.5, speech=speech, audio_rate=8000, channels=2)
+    video, origin = decode_video(path)
+    audio, _ = decode_audio(path, origin, video.duration)
+    assert audio.shape == (round(video.duration * 16000),)
+    assert np.abs(audio).max() > 0.05
+
+
+def test_unreadable_inputs_name_the_file(tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n")
+    for path in (empty, text, tmp_path / "missing.mp4"):
+        with pytest.raises(MediaError, match=path.name) as error:
+            decode_video(path)
+        assert error.value.reason == "unreadable"
+
+
+@pytest.mark.slow
+def test_crop_is_centred_on_the_face(tmp_path, speech, detector):
+    path = write_clip(tmp_path / "face clip.mp4", seconds=2.0, speech=speech)
+    info = DatasetInfo(name="demo", task="unlabelled", root=str(tmp_path))
+    clip = ClipRecord(clip_id="face/clip.1", video=path.name, speaker="s1", fold=1)
+    sample = process_clip(info, clip, "face_clip_1", PreprocessSettings(), detector, {})
+    write_shard(tmp_path / "shard.tar", [sample])
+    (decoded,) = list(iter_shards([tmp_path / "shard.tar"]))
+    assert decoded.frames.shape == (50, 160, 160, 3) and decoded.frames.dtype == np.uint8
+    assert decoded.fbank.shape == (1 + (32000 - 400) // 160, 128) and decoded.fbank.dtype == np.float32
+    meta = decoded.meta
+    assert meta["clip_id"] == "face/clip.1" and meta["fps"] == 25 and meta["fbank_rate"] == 100
+    assert meta["num_frames"] == 50 and abs(meta["duration"] - 2.0) < 1e-6
+    assert meta["face"]["fraction"] == 1.0 and len(meta["source"]["video_sha256"]) == 64
+    for frame in decoded.frames[::10]:
+        (face,) = detector.detect(frame)
+        x0, y0, x1, y1 = face[:4]
+        assert x1 - x0 > 0.5 * 160 and y1 - y0 > 0.5 * 160  # the face fills most of the crop
+        assert abs((x0 + x1) / 2 - 80) < 16 and abs((y0 + y1) / 2 - 80) < 16  # and is centred
+        assert abs(face[5] - face[7]) < 6  # eyes level
+
+
+def test_shard_sample_round_trip_and_window():
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:160, 0:160]
+    frames = np.stack([np.stack([xs + t, ys, xs + ys], axis=-1) for t in range(8)]).astype(np.uint8)
+    fbank = rng.normal(-5, 2, (30, 128)).astype(np.float32)
+    sample = decode_sample(encode_sample(frames, fbank, {"key": "k", "fps": 25}))
+    assert sample.frames.shape == frames.shape
+    assert np.abs(sample.frames.astype(int) - frames).mean() < 3
+    np.testing.assert_allclose(sample.fbank, fbank, atol=1e-2)
+    assert fbank_window(4, 20, fps=25, fbank_rate=100) == (16, 80)
