@@ -27,6 +27,7 @@ ADAPTERS = {
     "msp-improv": "msp_improv",
     "ravdess": "ravdess",
     "werewolf-xl": "werewolf_xl",
+    "demo": "demo",
 }
 
 __all__ = ["ADAPTERS", "DatasetLayoutError", "adapter", "build_manifest"]
