@@ -46,6 +46,7 @@ def face_frame(width: int, height: int, t: float, face: bool = True) -> np.ndarr
 
 def speech_wav(path: str | Path, text: str = "The quick brown fox jumps over the lazy dog") -> Path:
     """Synthesise speech with espeak-ng (22.05 kHz mono wav)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
     return Path(path)
 

@@ -1,0 +1,166 @@
+"""End-to-end preprocessing: a corpus of good and bad inputs on Ray Data, resuming, idempotence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from media import speech_wav, write_clip
+
+from preprocessing.manifest import ClipRecord, DatasetInfo, write_manifest
+from preprocessing.run import preprocess
+from preprocessing.settings import PreprocessSettings
+from preprocessing.shards import iter_shards
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# clip id -> expected status
+EXPECTED = {
+    "good": "ok", "empty": "unreadable", "truncated": "unreadable", "text": "unreadable",
+    "silent_video": "no_audio_stream", "audio_only": "no_video_stream", "no_face": "no_face",
+    "too_short": "too_short", "odd_size": "ok", "rotated": "ok", "vfr": "ok", "stereo_8k": "ok",
+    "odd_path": "ok", "separate_audio": "ok", "segment": "ok",
+}
+
+
+def _make_corpus(root: Path) -> list[ClipRecord]:
+    speech = speech_wav(root / "speech.wav")
+    good = write_clip(root / "good.mp4", seconds=1.5, speech=speech)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (root / "text.mp4").write_text("not a video, just text\n")
+    write_clip(root / "silent_video.mp4", seconds=1.0)
+    write_clip(root / "audio_only.m4a", seconds=1.0, speech=speech, video=False)
+    write_clip(root / "no_face.mp4", seconds=1.0, speech=speech, face=False)
+    write_clip(root / "too_short.mp4", seconds=0.2, speech=speech)
+    write_clip(root / "odd_size.mkv", seconds=1.0, size=(97, 61), codec="ffv1", speech=speech)
+    write_clip(root / "rotated.mp4", seconds=1.0, rotation=90, speech=speech)
+    write_clip(root / "vfr.mp4", seconds=1.0, vfr=True, speech=speech)
+    write_clip(root / "stereo_8k.mp4", seconds=1.0, speech=speech, audio_rate=8000, channels=2)
+    write_clip(root / "a folder with spaces" / "Ünïcödé clip é.mp4", seconds=1.0, speech=speech)
+    write_clip(root / "long.mp4", seconds=3.0, speech=speech)
+    paths = {"good": "good.mp4", "empty": "empty.mp4", "truncated": "truncated.mp4", "text": "text.mp4",
+             "silent_video": "silent_video.mp4", "audio_only": "audio_only.m4a", "no_face": "no_face.mp4",
+             "too_short": "too_short.mp4", "odd_size": "odd_size.mkv", "rotated": "rotated.mp4",
+             "vfr": "vfr.mp4", "stereo_8k": "stereo_8k.mp4",
+             "odd_path": "a folder with spaces/Ünïcödé clip é.mp4"}
+    clips = [ClipRecord(clip_id=clip_id, video=path, label=0, speaker=f"s{i % 3}", fold=1 + i % 2)
+             for i, (clip_id, path) in enumerate(paths.items())]
+    clips.append(ClipRecord(clip_id="separate_audio", video="silent_video.mp4", audio="speech.wav", label=1,
+                            speaker="s1", fold=1))
+    clips.append(ClipRecord(clip_id="segment", video="long.mp4", start=0.5, end=2.0, label=1, speaker="s2",
+                            fold=2))
+    return clips
+
+
+def _manifest(tmp: Path, clips: list[ClipRecord], root: Path, num_folds: int = 0) -> Path:
+    info = DatasetInfo(name="corpus", task="classification", root=str(root), classes=["a", "b"],
+                       num_folds=num_folds)
+    return write_manifest(tmp / "corpus.jsonl", info, clips)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return _manifest(root, _make_corpus(root / "media"), root / "media", num_folds=2)
+
+
+def _status(out: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in (out / "status.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == len({row["clip_id"] for row in rows})
+    return {row["clip_id"]: row for row in rows}
+
+
+@pytest.mark.slow
+def test_corpus_on_ray_then_rerun_does_nothing(corpus, tmp_path):
+    out = tmp_path / "out"
+    settings = PreprocessSettings(shard_size=4, workers=2, cpus_per_worker=0.5, progress=False)
+    summary = preprocess(corpus, out, settings)
+
+    status = _status(out)
+    assert {clip_id: row["status"] for clip_id, row in status.items()} == EXPECTED
+    for row in status.values():
+        if row["status"] != "ok":
+            assert row["file"] and row["detail"], row
+    assert summary["ok"] == 8 and summary["clips"] == len(EXPECTED)
+    assert set(summary["stage_seconds"]) == {"decode", "detect", "align_crop", "fbank", "encode", "write"}
+    assert json.loads((out / "summary.json").read_text())["failed"] == summary["failed"]
+
+    samples = {s.meta["clip_id"]: s for s in iter_shards(sorted((out / "shards").glob("shard-*.tar")))}
+    assert sorted(samples) == sorted(k for k, v in EXPECTED.items() if v == "ok")
+    for sample in samples.values():
+        meta = sample.meta
+        assert sample.frames.shape == (meta["num_frames"], 160, 160, 3)
+        assert sample.fbank.shape == (meta["fbank_frames"], 128)
+        assert abs(meta["num_frames"] - meta["duration"] * 25) <= 1  # frames and fbank span the same time
+        assert abs(meta["fbank_frames"] - meta["duration"] * 100) <= 3
+    assert samples["rotated"].meta["source"]["rotation"] == 90
+    assert samples["segment"].meta["num_frames"] in (37, 38)
+    assert samples["separate_audio"].meta["source"]["audio"] == "speech.wav"
+
+    mtimes = {path: path.stat().st_mtime_ns for path in (out / "shards").iterdir()}
+    again = preprocess(corpus, out, settings)
+    assert again["units_processed_now"] == 0
+    assert {path: path.stat().st_mtime_ns for path in (out / "shards").iterdir()} == mtimes
+    assert _status(out) == status
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
+    root = tmp_path / "media"
+    speech = speech_wav(tmp_path / "speech.wav")
+    clips = []
+    for i in range(8):
+        write_clip(root / f"clip{i}.mp4", seconds=1.0, speech=speech)
+        clips.append(ClipRecord(clip_id=f"clip{i}", video=f"clip{i}.mp4", label=i % 2))
+    manifest = _manifest(tmp_path, clips, root)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "preprocessing.run", "--manifest", str(manifest), "--out", str(out),
+               "--shard-size", "1", "--no-ray", "--no-progress"]
+    process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    _wait_for(out / "units" / "unit-000002.json", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    finished = sorted((out / "shards").glob("shard-*.tar"))
+    assert 3 <= len(finished) < 8
+    for shard in finished:  # every shard under its final name is complete
+        with tarfile.open(shard) as archive:
+            assert len(archive.getnames()) == 3
+
+    summary = preprocess(manifest, out, PreprocessSettings(shard_size=1, use_ray=False, progress=False))
+    assert summary["ok"] == 8 and summary["units_processed_now"] <= 8 - 3
+    assert not [path for path in out.rglob(".*tmp-*")]
+    ids = [s.meta["clip_id"] for s in iter_shards(sorted((out / "shards").glob("shard-*.tar")))]
+    assert sorted(ids) == [f"clip{i}" for i in range(8)]
+    assert set(_status(out)) == set(ids)
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="min_face_fraction"):
+        PreprocessSettings(min_face_fraction=2)
+
+
+def test_changed_settings_redo_the_work(tmp_path):
+    root = tmp_path / "media"
+    write_clip(root / "clip.mp4", seconds=1.0, speech=speech_wav(tmp_path / "s.wav"))
+    manifest = _manifest(tmp_path, [ClipRecord(clip_id="c", video="clip.mp4", label=0)], root)
+    first = preprocess(manifest, tmp_path / "out", PreprocessSettings(use_ray=False, progress=False))
+    second = preprocess(manifest, tmp_path / "out", PreprocessSettings(use_ray=False, progress=False, fps=30))
+    assert first["units_processed_now"] == second["units_processed_now"] == 1
+    (sample,) = list(iter_shards(sorted((tmp_path / "out" / "shards").glob("*.tar"))))
+    assert sample.meta["fps"] == 30 and sample.frames.shape[0] == 30
