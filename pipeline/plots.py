@@ -1,0 +1,154 @@
+"""Figures for runs and reports: confusion matrix, training curves, 2-D embedding map; atomic PNG writing.
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, rendered by the Agg backend), so they are
+safe in worker processes and are freed when dropped. Log one with ``pipeline.tracking.log_figure`` or write it
+with ``save_figure``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+
+DPI = 100
+
+
+def confusion_matrix_figure(cm, class_names: Sequence[str], normalize: bool = True,
+                            title: str = "Confusion matrix") -> Figure:
+    """Heat map of a C x C confusion matrix (rows = true class); ``normalize`` shows row percentages."""
+    cm = np.asarray(cm, dtype=np.float64)
+    if normalize:
+        totals = cm.sum(axis=1, keepdims=True)
+        cm = 100 * np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+    size = max(4.0, 0.6 * len(class_names) + 2.0)
+    fig = Figure(figsize=(size, size), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(cm, cmap="Blues", vmin=0, vmax=100 if normalize else max(cm.max(), 1))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of true class" if normalize else "clips")
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = (100 if normalize else cm.max()) / 2
+    for (row, col), value in np.ndenumerate(cm):
+        text = f"{value:.1f}" if normalize else f"{value:.0f}"
+        ax.text(col, row, text, ha="center", va="center", fontsize=8,
+                color="white" if value > threshold else "black")
+    return fig
+
+
+def as_history(history) -> dict[str, list[float]]:
+    """A training history as ``{name: per-epoch values}`` from that form or from a list of per-epoch dicts.
+
+    Missing and non-numeric entries become NaN, so every curve has one value per epoch.
+    """
+    if isinstance(history, Mapping):
+        return {name: [_number(v) for v in values] for name, values in history.items()}
+    names = list(dict.fromkeys(name for epoch in history for name in epoch))
+    return {name: [_number(epoch.get(name)) for epoch in history] for name in names}
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def training_curves_figure(history, x: str = "epoch", title: str = "Training curves") -> Figure:
+    """One panel per metric name, one line per split: ``train/loss`` and ``val/loss`` share the "loss" panel.
+
+    ``history`` is ``{name: values}`` or a list of per-epoch dicts; the entry ``x`` (if present) is the x axis.
+    """
+    curves = as_history(history)
+    length = max((len(values) for values in curves.values()), default=0)
+    steps = curves.pop(x, list(range(length)))
+    panels: dict[str, list[str]] = {}
+    for name, values in curves.items():
+        if not np.all(np.isnan(values)):
+            panels.setdefault(name.rsplit("/", 1)[-1], []).append(name)
+    columns = min(3, max(1, len(panels)))
+    rows = max(1, -(-len(panels) // columns))
+    fig = Figure(figsize=(4.0 * columns, 3.0 * rows), dpi=DPI, layout="constrained")
+    fig.suptitle(title)
+    for index, (panel, names) in enumerate(panels.items(), start=1):
+        ax = fig.add_subplot(rows, columns, index)
+        for name in names:
+            ax.plot(steps[:len(curves[name])], curves[name], marker="o", markersize=3, label=name)
+        ax.set_title(panel)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def projection_method(num_points: int, dim: int, method: str = "tsne") -> str:
+    """The method ``project_2d`` uses: ``method``, except PCA for fewer than 8 points or fewer than 3 dims."""
+    if method not in ("tsne", "pca"):
+        raise ValueError(f"unknown method {method!r}; expected 'tsne' or 'pca'")
+    return "pca" if num_points < 8 or dim < 3 else method
+
+
+def project_2d(embeddings, method: str = "tsne", seed: int = 0) -> np.ndarray:
+    """(N, D) -> (N, 2) by t-SNE (fixed seed, perplexity clipped for small N) or PCA (see ``projection_method``)."""
+    points = np.asarray(embeddings, dtype=np.float64).reshape(len(embeddings), -1)
+    method = projection_method(*points.shape, method)
+    if points.shape[1] < 2:
+        points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
+    if len(points) < 2:
+        return np.zeros((len(points), 2))
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(points)
+    perplexity = min(30.0, (len(points) - 1) / 3)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+
+
+def embedding_figure(embeddings, labels, class_names: Sequence[str], method: str = "tsne", seed: int = 0,
+                     title: str | None = None) -> Figure:
+    """Scatter map of (N, D) clip embeddings projected to 2-D, coloured by integer class label."""
+    embeddings = np.asarray(embeddings, dtype=np.float64).reshape(len(embeddings), -1)
+    points = project_2d(embeddings, method, seed)
+    labels = np.asarray(labels).astype(int).reshape(-1)
+    fig = Figure(figsize=(6, 5), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    colours = _class_colours(len(class_names))
+    for index, name in enumerate(class_names):
+        chosen = labels == index
+        if chosen.any():
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=12, color=colours[index], label=name, alpha=0.8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    used = {"tsne": "t-SNE", "pca": "PCA"}[projection_method(*embeddings.shape, method)]
+    ax.set_title(title or f"Clip embeddings ({used}, {len(points)} clips)")
+    ax.legend(fontsize=8, markerscale=1.5, loc="best")
+    return fig
+
+
+def _class_colours(count: int) -> list:
+    cmap = colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (a temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
