@@ -1,4 +1,4 @@
-"""The embedded demo dataset: deterministic, shaped like a real dataset, faces detectable, classes distinct."""
+"""The embedded demo dataset: deterministic, shaped like a real one, faces detectable, classes distinct."""
 
 from __future__ import annotations
 
@@ -110,5 +110,6 @@ def test_motion_kinds_move_the_head_differently() -> None:
     times = np.linspace(0, 2.8, 70)
     kinds = {kind: np.array([pose_at(Motion(kind, 0.1, 1.0, 0.0), t) for t in times]) for kind in
              ["zoom", "nod", "shake", "tilt"]}
-    moving = {kind: tuple(int(np.ptp(poses[:, axis]) > 0) for axis in range(4)) for kind, poses in kinds.items()}
+    moving = {kind: tuple(int(np.ptp(poses[:, axis]) > 0) for axis in range(4))
+              for kind, poses in kinds.items()}
     assert moving == {"zoom": (0, 0, 1, 0), "nod": (0, 1, 0, 0), "shake": (1, 0, 0, 0), "tilt": (0, 0, 0, 1)}

@@ -24,9 +24,14 @@ from preprocessing.manifest import ClipRecord, DatasetInfo
 ADAPTERS = {
     "crema-d": "crema_d",
     "mafw": "mafw",
+    "dfew": "dfew",
+    "mer2023": "mer2023",
     "msp-improv": "msp_improv",
     "ravdess": "ravdess",
+    "iemocap": "iemocap",
     "werewolf-xl": "werewolf_xl",
+    "avcaffe": "avcaffe",
+    "voxceleb2": "voxceleb2",
     "demo": "demo",
 }
 

@@ -103,6 +103,21 @@ class LayoutChecker:
             return [{name: row[i].strip() for name, i in where.items()} for row in reader if any(row)]
 
 
+def folds_from_test_lists(check: LayoutChecker, test_lists: dict[int, list[tuple[str, str]]]
+                          ) -> dict[str, tuple[int, str]]:
+    """clip id -> (test fold, label) from official per-fold test lists of (clip id, label) pairs; a clip
+    in two test lists fails."""
+    assigned: dict[str, tuple[int, str]] = {}
+    conflicts = []
+    for fold, pairs in sorted(test_lists.items()):
+        for clip_id, label in pairs:
+            if clip_id in assigned:
+                conflicts.append(f"{clip_id}: test fold {assigned[clip_id][0]} and {fold}")
+            assigned[clip_id] = (fold, label)
+    check.check_empty("clips listed in more than one test split", conflicts)
+    return assigned
+
+
 def block_fold(index: int, block: int, num_folds: int) -> int:
     """1-based fold of the ``index``-th (0-based) group when folds are contiguous blocks of ``block``
     groups and the last fold takes the remainder."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from preprocessing.datasets._layout import LayoutChecker, finish
+from preprocessing.datasets._layout import LayoutChecker, finish, folds_from_test_lists
 from preprocessing.datasets._media import has_audio_stream
 from preprocessing.manifest import ClipRecord, DatasetInfo
 
@@ -63,25 +63,13 @@ def read_split_file(check: LayoutChecker, relative: str) -> list[tuple[str, str]
     return pairs
 
 
-def official_test_folds(check: LayoutChecker) -> dict[str, tuple[int, str]]:
-    """clip id -> (test fold, label name) from the five ``test.txt`` files."""
-    assigned: dict[str, tuple[int, str]] = {}
-    conflicts = []
-    for fold in range(1, NUM_FOLDS + 1):
-        for clip_id, label in read_split_file(check, split_file(fold, "test")):
-            if clip_id in assigned:
-                conflicts.append(f"{clip_id}: test fold {assigned[clip_id][0]} and {fold}")
-            assigned[clip_id] = (fold, label)
-    check.check_empty("clips listed in more than one test split", conflicts)
-    return assigned
-
-
 def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
     """Read ``root`` (see the module docstring) and return the dataset info and its clips."""
     check = LayoutChecker(NAME, root, __doc__)
     check.require(CLIP_DIR, *(split_file(k, part) for k in range(1, NUM_FOLDS + 1)
                               for part in ("train", "test")))
-    folds = official_test_folds(check)
+    folds = folds_from_test_lists(check, {k: read_split_file(check, split_file(k, "test"))
+                                          for k in range(1, NUM_FOLDS + 1)})
     videos = check.index_media(CLIP_DIR, r"\d{5}", [".mp4"])
     check.check_empty("clips in the split files without their video in data/clips",
                       [f"{CLIP_DIR}/{c}.mp4" for c in sorted(folds) if c not in videos])
