@@ -61,7 +61,8 @@ def process_clip(info: DatasetInfo, clip: ClipRecord, key: str, settings: Prepro
         if clip.audio:
             sources |= {"audio": clip.audio, "audio_sha256": file_sha256(audio_path)}
     with timed(timings, "detect"):
-        detections = [detector.detect(frame) for frame in video.frames]
+        step = settings.detect_every
+        detections = [detector.detect(frame) if t % step == 0 else None for t, frame in enumerate(video.frames)]
     with timed(timings, "align_crop"):
         try:
             geometry, stats = main_track_geometry(detections, settings.smooth_frames)

@@ -59,7 +59,7 @@ class FaceDetector:
         height, width = frame.shape[:2]
         scale = min(1.0, self.detect_long_side / max(height, width))
         small = frame if scale == 1.0 else cv2.resize(frame, (round(width * scale), round(height * scale)),
-                                                      interpolation=cv2.INTER_AREA)
+                                                      interpolation=cv2.INTER_LINEAR)
         image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(small))
         found = self._detector.detect(image).detections
         rows = [_detection_row(face, scale, width, height) for face in found]
@@ -93,14 +93,17 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return width * height / union if union > 0 else 0.0
 
 
-def link_tracks(detections: list[np.ndarray], max_gap: int = 25,
+def link_tracks(detections: list[np.ndarray | None], max_gap: int = 25,
                 min_iou: float = 0.3) -> list[dict[int, int]]:
     """Greedily link per-frame detections into tracks by box overlap.
 
-    detections: per frame, (faces, 11). Returns tracks as {frame index: row index in that frame}.
+    detections: per frame, (faces, 11), or None for a frame that was not examined.
+    Returns tracks as {frame index: row index in that frame}.
     """
     tracks: list[dict[int, int]] = []
     for t, rows in enumerate(detections):
+        if rows is None:  # frame not examined
+            continue
         taken: set[int] = set()
         for i in np.argsort(-rows[:, 10]) if len(rows) else []:
             open_tracks = [k for k, track in enumerate(tracks)
@@ -123,8 +126,11 @@ def _track_weight(track: dict[int, int], detections: list[np.ndarray]) -> float:
                for row in (detections[t][i] for t, i in track.items()))
 
 
-def main_track_geometry(detections: list[np.ndarray], smooth_frames: int = 5) -> tuple[np.ndarray, FaceStats]:
+def main_track_geometry(detections: list[np.ndarray | None],
+                        smooth_frames: int = 5) -> tuple[np.ndarray, FaceStats]:
     """Geometry of the main face in every frame: (T, 10) float32, filled and smoothed over time.
+
+    ``FaceStats.frames`` counts the examined frames (those whose detections are not None).
 
     Raises ValueError when no frame has a face.
     """
@@ -137,7 +143,8 @@ def main_track_geometry(detections: list[np.ndarray], smooth_frames: int = 5) ->
     frames = np.arange(len(detections))
     geometry = np.stack([np.interp(frames, known, rows[:, c]) for c in range(10)], axis=1)
     geometry = uniform_filter1d(geometry, size=smooth_frames, axis=0, mode="nearest")
-    stats = FaceStats(frames=len(detections), detected=len(known), tracks=len(tracks),
+    examined = sum(rows is not None for rows in detections)
+    stats = FaceStats(frames=examined, detected=len(known), tracks=len(tracks),
                       mean_score=float(rows[:, 10].mean()))
     return geometry.astype(np.float32), stats
 

@@ -20,6 +20,7 @@ class PreprocessSettings(BaseModel):
     crop_size: int = Field(160, ge=16, description="side of the aligned face crops")
     jpeg_quality: int = Field(90, ge=1, le=100)
     detect_long_side: int = Field(320, ge=64, description="frames are downscaled to this for detection")
+    detect_every: int = Field(1, ge=1, description="run the detector on every n-th frame, interpolate between")
     max_short_side: int = Field(480, ge=64, description="decoded frames are downscaled to this")
     min_detection_confidence: float = Field(0.5, gt=0, lt=1)
     smooth_frames: int = Field(5, ge=1, description="moving-average window for face boxes and keypoints")
