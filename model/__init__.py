@@ -7,7 +7,7 @@
 """
 
 from .checkpoint import LoadReport, config_overrides_from_reference, load_reference_weights, read_checkpoint
-from .config import SIZES, HiCMAEConfig, get_config
+from .config import ARCHITECTURE_FIELDS, SIZES, HiCMAEConfig, get_config
 from .finetune import FinetuneFeatures, HiCMAEClassifier
 from .masking import random_mask, tube_mask
 from .pretrain import HiCMAEPretrain, PretrainOutput
@@ -29,7 +29,7 @@ def count_parameters(module) -> int:
 
 
 __all__ = [
-    "HiCMAEConfig", "SIZES", "get_config", "HiCMAEPretrain", "PretrainOutput", "HiCMAEClassifier",
+    "HiCMAEConfig", "SIZES", "ARCHITECTURE_FIELDS", "get_config", "HiCMAEPretrain", "PretrainOutput", "HiCMAEClassifier",
     "FinetuneFeatures", "create_pretrain_model", "create_finetune_model", "load_reference_weights",
     "read_checkpoint", "LoadReport", "config_overrides_from_reference", "tube_mask", "random_mask", "count_parameters",
 ]

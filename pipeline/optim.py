@@ -1,0 +1,75 @@
+"""AdamW parameter groups (weight decay, layer-wise lr decay) and the warm-up + cosine schedule of the reference."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from .config import OptimSettings
+
+NO_DECAY_NAMES = ("mask_token", "mask_token_audio")
+
+
+def layer_id(name: str, encoder_depth: int, num_layers: int) -> int:
+    """Depth id of a parameter for layer-wise lr decay, as the reference assigns it.
+
+    0: patch embeddings and mask tokens; k+1: block k of the video *and* of the audio encoder (they share
+    an id); encoder_depth+1+k: fusion layer k; num_layers+1: everything else (norms, fc_norm, head, layer weights).
+    """
+    if name.startswith(("encoder.patch_embed", "encoder_audio.patch_embed")) or name in NO_DECAY_NAMES:
+        return 0
+    match = re.match(r"encoder(?:_audio)?\.blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    match = re.match(r"encoder_fusion\.blocks(?:_audio)?\.(\d+)\.", name)
+    if match:
+        return encoder_depth + 1 + int(match.group(1))
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """Groups by (decay or not, layer id), each with an ``lr_scale`` = layer_decay ** (num_layers + 1 - id)."""
+    cfg = model.cfg
+    encoder_depth = max(cfg.depth, cfg.audio_depth)
+    num_layers = encoder_depth + cfg.fusion_depth
+    groups: dict[tuple[bool, int], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim == 1 or name.endswith(".bias") or name in NO_DECAY_NAMES
+        lid = layer_id(name, encoder_depth, num_layers) if layer_decay < 1.0 else num_layers + 1
+        group = groups.setdefault((no_decay, lid), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": layer_decay ** (num_layers + 1 - lid), "names": []})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.AdamW:
+    groups = param_groups(model, settings.weight_decay, settings.layer_decay)
+    for group in groups:
+        group.pop("names")
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=1e-8, fused=fused or None)
+
+
+def scaled_lrs(settings: OptimSettings, total_batch: int) -> tuple[float, float]:
+    """(peak lr, min lr) scaled by total batch / 256, as the reference."""
+    return settings.lr * total_batch / 256, settings.min_lr * total_batch / 256
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine from ``peak`` to ``floor`` at ``total_steps``."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

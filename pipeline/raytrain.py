@@ -1,0 +1,133 @@
+"""Ray Train glue shared by pre-training and fine-tuning: starting Ray, the trainer, checkpoints, the step loop.
+
+Local by default (Ray on loopback, using this machine's cores); on a cluster when ``RAY_ADDRESS`` is set.
+Checkpoints go through ``ray.train.report`` and a restarted worker group resumes from
+``ray.train.get_checkpoint()``; ``FailureConfig(max_failures)`` restarts it after a worker dies.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import PROJECT_ROOT, ScalingSettings
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def start_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` or start Ray locally, bound to loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False)
+
+
+def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,
+                storage: str | Path | None = None):
+    """Run ``loop`` on Ray Train workers; returns the ray.train.Result (raises if training failed)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    start_ray()
+    storage = Path(storage or PROJECT_ROOT / "runs" / "ray").resolve()
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
+
+
+def worker_context() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def batches(loader, count: int) -> Iterator[dict]:
+    """Exactly ``count`` batches, re-iterating the loader when a rank's share runs out (keeps DDP in step)."""
+    produced = 0
+    while produced < count:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            produced += 1
+            if produced == count:
+                return
+        if empty:
+            raise RuntimeError("the data loader produced no batch: too few clips for this batch size and rank")
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Load the latest Ray Train checkpoint into model and optimizer; returns its state dict or None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def report(metrics: dict, state: dict | None, extra_files: dict[str, bytes] | None = None) -> None:
+    """Report metrics from every rank; rank 0 passes ``state`` (and files) as the checkpoint."""
+    import ray.train
+
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save({**state, "rng": rng_state()}, Path(folder) / CHECKPOINT_FILE)
+        for name, payload in (extra_files or {}).items():
+            (Path(folder) / name).write_bytes(payload)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel, if wrapped."""
+    return model.module if hasattr(model, "module") else model

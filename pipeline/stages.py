@@ -1,0 +1,157 @@
+"""The pipeline stages as functions: what ``dvc.yaml`` runs through the CLI, each tracked in MLflow.
+
+Layout (all under the project root):
+    data/<dataset>/manifest.jsonl     adapter output
+    data/<dataset>/processed/         shards/, status.jsonl, summary.json
+    runs/pretrain/                    checkpoint.pt, metrics.json
+    runs/<dataset>/finetune/          fold-k/{test_metrics.json, predictions_*.csv}, metrics.json, plots/
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from preprocessing.datasets import build_manifest
+from preprocessing.manifest import read_manifest, write_manifest
+from preprocessing.run import preprocess
+
+from . import tracking
+from .config import PROJECT_ROOT, Params, finetune_settings_for, load_dataset_config
+from .finetune import run_finetune
+from .plots import confusion_matrix_figure, save_figure
+from .pretrain import run_pretrain
+
+
+def data_dir(dataset: str) -> Path:
+    return PROJECT_ROOT / "data" / dataset
+
+
+def runs_dir(*parts: str) -> Path:
+    return PROJECT_ROOT.joinpath("runs", *parts)
+
+
+@dataclass
+class EpochLogger:
+    """Logs per-epoch metrics from the rank-0 training worker into an existing MLflow run (picklable)."""
+
+    tracking_uri: str
+    run_id: str
+
+    def log_epoch(self, metrics: dict, epoch: int) -> None:
+        client = mlflow.MlflowClient(self.tracking_uri)
+        values = {k: float(v) for k, v in metrics.items() if tracking.is_scalar(v) and k != "epoch"}
+        client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, 0, epoch) for k, v in values.items()])
+
+
+def stage_manifest(dataset: str) -> Path:
+    """Run the dataset's adapter on its configured folder."""
+    config = load_dataset_config(dataset)
+    info, clips = build_manifest(config.adapter, config.root_path())
+    path = write_manifest(data_dir(dataset) / "manifest.jsonl", info, clips)
+    print(f"{dataset}: {len(clips)} clips -> {path}")
+    return path
+
+
+def stage_preprocess(dataset: str, params: Params) -> dict:
+    out = data_dir(dataset) / "processed"
+    with tracking.start_stage_run("preprocess", params.preprocess, experiment=params.experiment,
+                                  run_name=f"preprocess-{dataset}", tags={"dataset": dataset}):
+        summary = preprocess(data_dir(dataset) / "manifest.jsonl", out, params.preprocess)
+        tracking.log_metrics({k: v for k, v in summary.items() if k != "failed"})
+        mlflow.log_artifact(str(out / "summary.json"))
+        mlflow.log_artifact(str(out / "status.jsonl"))
+    return summary
+
+
+def stage_pretrain(params: Params) -> dict:
+    dataset = params.pretrain.dataset
+    processed = data_dir(dataset) / "processed"
+    with tracking.start_stage_run("pretrain", params.pretrain, experiment=params.experiment,
+                                  run_name=f"pretrain-{dataset}", data_hash=tracking.hash_directory(processed),
+                                  tags={"dataset": dataset}) as run:
+        logger = EpochLogger(mlflow.get_tracking_uri(), run.info.run_id)
+        metrics = run_pretrain(params, processed, runs_dir("pretrain"), tracker=logger)
+        tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+    return metrics
+
+
+def stage_finetune(dataset: str, params: Params) -> dict:
+    """All folds of one dataset: a parent run with the fold mean/std, one nested run per fold."""
+    settings = finetune_settings_for(params, load_dataset_config(dataset))
+    manifest, processed = data_dir(dataset) / "manifest.jsonl", data_dir(dataset) / "processed"
+    out = runs_dir(dataset, "finetune")
+    init = {"pretrain": str(runs_dir("pretrain", "checkpoint.pt")), "none": None}.get(settings.init, settings.init)
+    info, _ = read_manifest(manifest)
+    with tracking.start_stage_run("finetune", settings, experiment=params.experiment, run_name=f"finetune-{dataset}",
+                                  data_hash=tracking.hash_directory(processed),
+                                  tags={"dataset": dataset, "protocol": settings.protocol}) as parent:
+        uri = mlflow.get_tracking_uri()
+
+        def fold_logger(fold: int) -> EpochLogger:
+            client = mlflow.MlflowClient(uri)
+            run = client.create_run(parent.info.experiment_id, run_name=f"{dataset}-fold{fold}",
+                                    tags={"mlflow.parentRunId": parent.info.run_id, "fold": str(fold),
+                                          "dataset": dataset, "dvc_stage": "finetune"})
+            return EpochLogger(uri, run.info.run_id)
+
+        summary = run_finetune(params, settings, manifest, processed, out, init, tracker_for_fold=fold_logger)
+        tracking.log_metrics({"test": summary["best"], "test_last": summary["last"]})
+        _log_fold_artifacts(out, summary, info)
+    return summary
+
+
+def _log_fold_artifacts(out: Path, summary: dict, info) -> None:
+    """Confusion-matrix plots and per-clip predictions of every fold into the parent run."""
+    for fold in summary["folds"]:
+        fold_dir = out / f"fold-{fold}"
+        metrics = json.loads((fold_dir / "test_metrics.json").read_text())
+        for name in ("best", "last"):
+            mlflow.log_artifact(str(fold_dir / f"predictions_{name}.csv"), f"fold-{fold}")
+            if info.task == "classification":
+                figure = confusion_matrix_figure(metrics[name]["confusion_matrix"], info.classes,
+                                                 title=f"{info.name} fold {fold} ({name} epoch)")
+                path = save_figure(figure, out / "plots" / f"confusion_fold{fold}_{name}.png")
+                mlflow.log_artifact(str(path), "plots")
+
+
+# HiCMAE-B audio-visual fold means reported by the paper (percent), for the results table.
+PAPER_RESULTS = {
+    "crema-d": {"uar": 84.91, "war": 84.89}, "mafw": {"uar": 42.65, "war": 56.17}, "ravdess": {"war": 87.99},
+    "msp-improv": {"war": 74.95}, "iemocap": {"war": 68.36, "uar": 68.21}, "dfew": {"war": 75.01},
+    "werewolf-xl": {"pcc_mean": (69.23 + 33.74 + 40.66) / 3, "ccc_mean": (64.81 + 31.85 + 37.54) / 3},
+}
+REPORTED = ("uar", "war", "f1_weighted", "ccc_mean", "pcc_mean")
+
+
+def stage_report(params: Params) -> str:
+    """reports/results.{md,json}: fold-mean test metrics (best and last epoch) next to the paper's."""
+    rows = []
+    for dataset in params.datasets:
+        summary = json.loads((runs_dir(dataset, "finetune") / "metrics.json").read_text())
+        for metric in REPORTED:
+            if f"{metric}_mean" not in summary["best"]:
+                continue
+            rows.append({"dataset": dataset, "metric": metric, "folds": len(summary["folds"]),
+                         "best_mean": 100 * summary["best"][f"{metric}_mean"],
+                         "best_std": 100 * summary["best"][f"{metric}_std"],
+                         "last_mean": 100 * summary["last"][f"{metric}_mean"],
+                         "paper": PAPER_RESULTS.get(dataset, {}).get(metric)})
+    lines = ["| dataset | metric | folds | best epoch (mean ± std) | last epoch | paper (HiCMAE-B) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        paper = f"{r['paper']:.2f}" if r["paper"] is not None else "—"
+        lines.append(f"| {r['dataset']} | {r['metric']} | {r['folds']} | {r['best_mean']:.2f} ± {r['best_std']:.2f} "
+                     f"| {r['last_mean']:.2f} | {paper} |")
+    table = "\n".join(lines) + "\n"
+    out = PROJECT_ROOT / "reports"
+    out.mkdir(exist_ok=True)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    with tracking.start_stage_run("report", params, experiment=params.experiment, run_name="report"):
+        mlflow.log_artifact(str(out / "results.md"))
+        tracking.log_table(rows, "results.csv")
+    return table
