@@ -5,7 +5,8 @@
 
 Writes ``DIR/shards/shard-XXXXXX.tar`` (one per work unit with at least one good clip), ``DIR/status.jsonl``
 (one row per manifest clip: ``ok`` or a named failure with the file and the reason) and ``DIR/summary.json``.
-Ray starts locally on loopback unless ``RAY_ADDRESS`` names a cluster. Each worker process holds one face
+Ray starts locally on loopback unless ``RAY_ADDRESS`` names a cluster (then DIR and the dataset root must
+be on a filesystem every node sees). Each worker process holds one face
 detector. Re-running with the same inputs and settings redoes only the units that are missing (see units.py).
 """
 
@@ -124,7 +125,9 @@ def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     if todo:
         model_path = str(ensure_face_model(settings.face_model))
         run = _run_on_ray if settings.use_ray else _run_here
-        with _progress(settings, len(clips), sum(len(unit.clips) for unit in units if unit not in todo)) as bar:
+        todo_indices = {unit.index for unit in todo}
+        done_clips = sum(len(unit.clips) for unit in units if unit.index not in todo_indices)
+        with _progress(settings, len(clips), done_clips) as bar:
             for count in run(out_dir, info, todo, settings, model_path):
                 bar.update(count)
     statuses = [read_status(out_dir, unit.index) for unit in units]
