@@ -1,0 +1,204 @@
+"""MLflow tracking for the pipeline stages (called on rank 0 only).
+
+    with start_stage_run("finetune", config, experiment="crema_d", run_name="fold1", data_hash=h) as run:
+        log_metrics({"val": metrics}, step=epoch)
+        log_figure(confusion_matrix_figure(cm, classes), "plots/confusion.png")
+
+Where runs go: ``MLFLOW_TRACKING_URI`` when set (a shared ``mlflow server`` on a cluster), otherwise the SQLite
+file ``<project>/mlflow.db``. With a local store, artifacts of experiment ``<name>`` go to
+``<project>/mlartifacts/<name>/<run id>/artifacts`` whatever the working directory; a server decides for itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePosixPath
+
+import mlflow
+import numpy as np
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+from .metrics import is_scalar
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATABASE_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+LOCAL_SCHEMES = ("sqlite", "file", "")
+
+
+def tracking_uri(project_root: str | Path = PROJECT_ROOT) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute project root>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(project_root).resolve() / DATABASE_FILE}"
+
+
+def is_local_store(uri: str) -> bool:
+    """True for a store on this machine (SQLite file or a local directory), false for a server."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    return scheme in LOCAL_SCHEMES
+
+
+def artifact_location(project_root: str | Path, experiment: str) -> str:
+    """``file://<project>/mlartifacts/<experiment, made file-name safe>``."""
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (Path(project_root).resolve() / ARTIFACT_DIR / folder).as_uri()
+
+
+def ensure_experiment(name: str, project_root: str | Path = PROJECT_ROOT) -> str:
+    """The id of experiment ``name`` in the current tracking store, created (or restored) when needed.
+
+    A local store gets the deterministic artifact location above; a server picks its own.
+    """
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = artifact_location(project_root, name) if is_local_store(mlflow.get_tracking_uri()) else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def git_commit(project_root: str | Path = PROJECT_ROOT) -> str:
+    """``git rev-parse HEAD`` of the project, or "unknown" outside a git checkout."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root, capture_output=True, text=True,
+                                timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() or "unknown"
+
+
+def hash_directory(path: str | Path) -> str:
+    """SHA-256 over the relative path, size and bytes of every file under ``path`` (or of one file), sorted.
+
+    Reads every byte once (about a second per GB), so equal hashes mean equal data whatever the timestamps;
+    renaming a file changes the hash.
+    """
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        name = file.name if file == root else file.relative_to(root).as_posix()
+        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _to_json(value):
+    """``json.dumps`` fallback: numpy scalars and arrays as numbers and lists, anything else (paths) as str."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def plain(config) -> dict:
+    """A config (dict or pydantic model) as JSON-compatible nested dicts; paths and other objects as strings."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    return json.loads(json.dumps(config, default=_to_json))
+
+
+def flatten(nested: Mapping, sep: str = ".", prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and other values are kept as leaves."""
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, sep, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_params(config) -> dict[str, str]:
+    """The config flattened to dotted keys, each value a string cut to MLflow's parameter length limit."""
+    return {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in flatten(plain(config)).items()}
+
+
+@contextlib.contextmanager
+def start_stage_run(stage: str, config, experiment: str, run_name: str | None = None,
+                    parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+                    data_hash: str | None = None, project_root: str | Path = PROJECT_ROOT) -> Iterator:
+    """Start an MLflow run for one pipeline stage and yield it; it ends (FAILED on an exception) on exit.
+
+    The run is nested under ``parent_run_id`` when given (e.g. a fold run under the stage run started by the
+    driver), else under the run active in this process, if any. It logs ``config`` as dotted params and as the
+    artifact ``config.yaml``, and tags ``dvc_stage``, ``git_commit`` (also ``mlflow.source.git.commit``),
+    ``data_hash`` when given (see ``hash_directory``) and ``tags``.
+    """
+    mlflow.set_tracking_uri(tracking_uri(project_root))
+    experiment_id = ensure_experiment(experiment, project_root)
+    commit = git_commit(project_root)
+    run_tags = {"dvc_stage": stage, "git_commit": commit, "mlflow.source.git.commit": commit}
+    if data_hash is not None:
+        run_tags["data_hash"] = data_hash
+    run_tags.update({key: str(value) for key, value in (tags or {}).items()})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
+                          nested=mlflow.active_run() is not None, tags=run_tags) as run:
+        mlflow.log_params(config_params(config))
+        mlflow.log_text(yaml.safe_dump(plain(config), sort_keys=False), "config.yaml")
+        yield run
+
+
+def log_metrics(metrics: Mapping, step: int | None = None) -> dict[str, float]:
+    """Log the finite numbers of a (nested) metrics dict under ``/``-joined keys; returns what was logged.
+
+    Lists (a confusion matrix), strings, None, NaN and infinities are skipped.
+    """
+    flat = {key: float(value) for key, value in flatten(metrics, sep="/").items() if is_scalar(value)}
+    if flat:
+        mlflow.log_metrics(flat, step=step)
+    return flat
+
+
+@contextlib.contextmanager
+def _staged(artifact_file: str) -> Iterator[Path]:
+    """A temporary local path named like ``artifact_file``, logged to its folder in the run on exit."""
+    artifact = PurePosixPath(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / artifact.name
+        yield local
+        folder = str(artifact.parent)
+        mlflow.log_artifact(str(local), artifact_path=None if folder == "." else folder)
+
+
+def log_figure(figure, artifact_file: str) -> None:
+    """Log a matplotlib Figure, or an image file given by path, as ``artifact_file`` (e.g. "plots/cm.png")."""
+    if isinstance(figure, str | os.PathLike):
+        with _staged(artifact_file) as local:
+            local.write_bytes(Path(figure).read_bytes())
+    else:
+        mlflow.log_figure(figure, artifact_file)
+
+
+def log_table(rows: list[Mapping], artifact_file: str) -> None:
+    """Log rows of dicts as a CSV artifact; the columns are the keys in order of first appearance."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with _staged(artifact_file) as local, open(local, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def log_dict_json(data, artifact_file: str) -> None:
+    """Log data as a JSON artifact; numpy values become numbers and lists, other objects (paths) strings."""
+    mlflow.log_text(json.dumps(data, indent=2, default=_to_json), artifact_file)

@@ -1,0 +1,190 @@
+"""Stage runs land in MLflow with their config, tags, metrics and artifacts: local SQLite store and real server."""
+
+import math
+import os
+import subprocess
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from mlflow_server import mlflow_server  # noqa: F401
+
+from pipeline.plots import confusion_matrix_figure, save_figure
+from pipeline.tracking import (
+    artifact_location,
+    config_params,
+    flatten,
+    git_commit,
+    hash_directory,
+    log_dict_json,
+    log_figure,
+    log_metrics,
+    log_table,
+    start_stage_run,
+    tracking_uri,
+)
+
+# mlflow's SQLAlchemy store uses a loader option that SQLAlchemy 2 deprecates; nothing of ours.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
+
+CONFIG = {
+    "dataset": {"name": "demo", "fold": 1, "root": "data/demo"},
+    "optim": {"lr": 5e-4, "betas": [0.9, 0.999]},
+    "notes": "x" * (MAX_PARAM_VAL_LENGTH + 50),
+}
+
+
+@pytest.fixture
+def mlflow_state():
+    """Restore MLflow's global tracking URI (which it also exports to the environment) after a test."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    mlflow.set_tracking_uri(None)
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A git checkout with one commit and a shard folder, shared by the module's tests; returns (root, commit)."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "data" / "shards").mkdir(parents=True)
+    (root / "data" / "shards" / "shard-000000.tar").write_bytes(b"clip" * 100)
+    git = ["git", "-C", str(root), "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    return root, commit
+
+
+def log_stage_with_fold(root, experiment):
+    """A stage run with one nested fold run that logs metrics, a figure, a table and JSON; returns both runs."""
+    data_hash = hash_directory(root / "data" / "shards")
+    with start_stage_run("finetune", CONFIG, experiment, run_name="stage", data_hash=data_hash,
+                         tags={"dataset": "demo"}, project_root=root) as stage:
+        log_metrics({"test": {"uar_mean": 0.5}})
+        with start_stage_run("finetune", {"fold": 1}, experiment, run_name="fold1", project_root=root) as fold:
+            for epoch, uar in enumerate([0.3, 0.45]):
+                logged = log_metrics({"val": {"uar": uar, "confusion_matrix": [[1, 0], [0, 1]]},
+                                      "train/loss": math.nan, "note": "text"}, step=epoch)
+            log_figure(confusion_matrix_figure([[3, 1], [0, 4]], ["a", "b"]), "plots/confusion.png")
+            log_table([{"clip": "a", "pred": 0}, {"clip": "b", "pred": 1, "prob": 0.7}], "predictions.csv")
+            log_dict_json({"uar": np.float32(0.45), "cm": np.eye(2, dtype=int)}, "metrics.json")
+    assert logged == {"val/uar": 0.45}  # NaN, lists and strings are skipped
+    return stage, fold
+
+
+def test_flatten_and_params():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+    params = config_params(CONFIG)
+    assert params["optim.lr"] == "0.0005"
+    assert params["optim.betas"] == "[0.9, 0.999]"
+    assert len(params["notes"]) == MAX_PARAM_VAL_LENGTH
+
+
+def test_tracking_uri_default_and_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    expected = (tmp_path.resolve() / "mlartifacts" / "crema-d_fold_1").as_uri()
+    assert artifact_location(tmp_path, "crema-d / fold 1") == expected
+
+
+def test_git_commit_outside_a_checkout(tmp_path):
+    assert git_commit(tmp_path) == "unknown"
+
+
+def test_hash_directory(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(b"123")
+    first = hash_directory(tmp_path)
+    assert hash_directory(tmp_path) == first
+    (tmp_path / "a" / "x.bin").write_bytes(b"124")
+    assert hash_directory(tmp_path) != first  # same name and size, other bytes
+    (tmp_path / "a" / "x.bin").write_bytes(b"123")
+    (tmp_path / "a" / "x.bin").rename(tmp_path / "a" / "y.bin")
+    assert hash_directory(tmp_path) != first
+    assert len(first) == 64
+
+
+def test_local_store(project, tmp_path, mlflow_state, monkeypatch):
+    root, commit = project
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the store and artifacts must not depend on the working directory
+    stage, fold = log_stage_with_fold(root, "demo finetune")
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    stage_run, fold_run = client.get_run(stage.info.run_id), client.get_run(fold.info.run_id)
+    assert stage_run.info.status == fold_run.info.status == "FINISHED"
+    assert stage_run.data.params["dataset.fold"] == "1"
+    assert stage_run.data.params["optim.lr"] == "0.0005"
+    tags = stage_run.data.tags
+    assert tags["git_commit"] == tags["mlflow.source.git.commit"] == commit
+    assert tags["dvc_stage"] == "finetune" and tags["dataset"] == "demo"
+    assert tags["data_hash"] == hash_directory(root / "data" / "shards")
+    assert fold_run.data.tags["mlflow.parentRunId"] == stage.info.run_id
+    assert fold_run.data.metrics == {"val/uar": 0.45}
+    assert [m.value for m in client.get_metric_history(fold.info.run_id, "val/uar")] == [0.3, 0.45]
+
+    assert fold_run.info.artifact_uri.startswith((root / "mlartifacts" / "demo_finetune").as_uri())
+    assert {a.path for a in client.list_artifacts(fold.info.run_id)} == {
+        "config.yaml", "plots", "predictions.csv", "metrics.json"}
+    config = yaml.safe_load(open(client.download_artifacts(stage.info.run_id, "config.yaml", str(tmp_path))))
+    assert config["optim"] == CONFIG["optim"]
+    table = open(client.download_artifacts(fold.info.run_id, "predictions.csv", str(tmp_path))).read()
+    assert table.splitlines() == ["clip,pred,prob", "a,0,", "b,1,0.7"]
+    assert not list(elsewhere.iterdir())
+
+
+def test_explicit_parent_and_failed_run(project, mlflow_state):
+    """A run started elsewhere (e.g. a Ray worker) nests under a given parent; an exception marks it FAILED."""
+    root, _ = project
+    with start_stage_run("pretrain", {}, "demo", run_name="driver", project_root=root) as driver:
+        pass
+    with pytest.raises(RuntimeError), start_stage_run("pretrain", {}, "demo", parent_run_id=driver.info.run_id,
+                                                      project_root=root) as worker:
+        raise RuntimeError("worker died")
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(root))
+    run = client.get_run(worker.info.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == driver.info.run_id
+    assert run.info.status == "FAILED"
+
+
+def test_server(mlflow_server, project, mlflow_state, monkeypatch):  # noqa: F811
+    root, commit = project
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    stage, fold = log_stage_with_fold(root, "demo-server")
+    image = save_figure(confusion_matrix_figure([[1, 0], [0, 1]], ["a", "b"]), root / "cm.png")
+    with start_stage_run("report", {}, "demo-server", run_name="report", project_root=root):
+        log_figure(image, "plots/from_file.png")
+
+    experiment_id = mlflow_server.get("experiments/get-by-name", experiment_name="demo-server")["experiment"][
+        "experiment_id"]
+    runs = mlflow_server.post("runs/search", {"experiment_ids": [experiment_id]})["runs"]
+    by_name = {run["info"]["run_name"]: run for run in runs}
+    assert set(by_name) == {"stage", "fold1", "report"}
+
+    def values(run, field):
+        return {item["key"]: item["value"] for item in run["data"].get(field, [])}
+
+    stage_run, fold_run = by_name["stage"], by_name["fold1"]
+    assert values(stage_run, "params")["optim.betas"] == "[0.9, 0.999]"
+    assert values(stage_run, "tags")["git_commit"] == commit
+    assert values(stage_run, "tags")["dvc_stage"] == "finetune"
+    assert values(fold_run, "tags")["mlflow.parentRunId"] == stage.info.run_id
+    assert values(fold_run, "metrics") == {"val/uar": 0.45}
+    assert values(stage_run, "metrics") == {"test/uar_mean": 0.5}
+
+    listing = mlflow_server.get("artifacts/list", run_id=fold.info.run_id)["files"]
+    assert {f["path"] for f in listing} == {"config.yaml", "plots", "predictions.csv", "metrics.json"}
+    plots = mlflow_server.get("artifacts/list", run_id=fold.info.run_id, path="plots")["files"]
+    assert [f["path"] for f in plots] == ["plots/confusion.png"] and plots[0]["file_size"] > 5_000
+    report_plots = mlflow_server.get("artifacts/list", run_id=by_name["report"]["info"]["run_id"], path="plots")
+    assert [f["file_size"] for f in report_plots["files"]] == [image.stat().st_size]
+    assert list((mlflow_server.folder / "artifacts").rglob("config.yaml"))  # stored by the server, not locally
+    assert not (root / "mlartifacts" / "demo-server").exists()
