@@ -37,7 +37,11 @@ LOCAL_SCHEMES = ("sqlite", "file", "")
 
 
 def tracking_uri(project_root: str | Path = PROJECT_ROOT) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute project root>/mlflow.db``."""
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute project root>/mlflow.db``.
+
+    ``mlflow.set_tracking_uri`` (called by ``start_stage_run``) exports the choice to ``MLFLOW_TRACKING_URI``, so
+    processes started afterwards (Ray workers) log to the same store.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
