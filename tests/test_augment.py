@@ -16,6 +16,8 @@ from pipeline.augment import (
     RandAugmentOp,
     affine_clip,
     apply_rand_augment,
+    autocontrast_clip,
+    equalize_clip,
     eval_video_transform,
     invert_table,
     label_smoothing_cross_entropy,
@@ -222,6 +224,24 @@ def test_lookup_ops_equal_pil():
         assert np.array_equal(solarize_table(threshold)[frame], np.asarray(ImageOps.solarize(img, threshold)))
     expected = np.where(frame < 128, np.minimum(frame.astype(int) + 77, 255), frame)
     assert np.array_equal(solarize_add_table(77)[frame], expected)
+
+
+def histogram_test_clip() -> np.ndarray:
+    """Frames with full-range noise, a narrow range, a constant channel, two values and a sparse histogram."""
+    rng = np.random.default_rng(7)
+    frames = [random_clip(frames=1)[0], textured_frame(), rng.integers(100, 110, size=(160, 160, 3)),
+              np.stack([np.full((160, 160), 42), rng.integers(0, 256, (160, 160)), rng.choice([3, 200], (160, 160))],
+                       axis=-1),
+              rng.choice([0, 17, 90, 91, 250], size=(160, 160, 3), p=[0.01, 0.5, 0.2, 0.19, 0.1])]
+    return np.stack(frames).astype(np.uint8)
+
+
+@pytest.mark.parametrize("clip_op, pil_op", [(autocontrast_clip, ImageOps.autocontrast),
+                                             (equalize_clip, ImageOps.equalize)], ids=["autocontrast", "equalize"])
+def test_histogram_ops_equal_pil(clip_op, pil_op):
+    frames = histogram_test_clip()
+    expected = np.stack([np.asarray(pil_op(Image.fromarray(frame))) for frame in frames])
+    assert np.array_equal(clip_op(frames), expected)
 
 
 @pytest.mark.parametrize("coefficients", [
