@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params, args.overrides)
     if args.command == "manifest":
-        stages.stage_manifest(args.dataset)
+        stages.stage_manifest(args.dataset, params)
     elif args.command == "preprocess":
         stages.stage_preprocess(args.dataset, params)
     elif args.command == "pretrain":

@@ -106,10 +106,27 @@ class FinetuneSettings(Strict):
     seed: int = 0
 
 
+class DatasetEntry(Strict):
+    root: str = Field(description="the dataset folder as distributed; relative paths are from the project root")
+
+    def root_path(self) -> Path:
+        path = Path(self.root).expanduser()
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+class DemoSettings(Strict):
+    seed: int = 0
+    speakers: int = Field(10, ge=2)
+    clips_per_speaker: int = Field(10, ge=1)
+
+
 class Params(Strict):
     """Everything ``params.yaml`` holds."""
 
-    datasets: list[str] = Field(default_factory=lambda: ["demo"])
+    anchors: dict[str, Any] = Field(default_factory=dict,
+                                    description="YAML anchors that several sections share; not read directly")
+    demo: DemoSettings = Field(default_factory=DemoSettings)
+    datasets: dict[str, DatasetEntry] = Field(default_factory=lambda: {"demo": DatasetEntry(root="data/demo/raw")})
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
@@ -118,15 +135,13 @@ class Params(Strict):
 
 
 class DatasetConfig(Strict):
-    """``conf/datasets/<name>.yaml``: where a dataset lives and how it differs from the defaults."""
+    """``conf/datasets/<name>.yaml``: which adapter reads a dataset and how its training differs from the defaults.
+
+    (Where the dataset lives is in ``params.yaml`` under ``datasets``, so DVC can track the folder.)
+    """
 
     adapter: str
-    root: str = Field(description="the dataset folder as distributed; relative paths are from the project root")
     finetune: dict[str, Any] = Field(default_factory=dict, description="overrides of params' finetune section")
-
-    def root_path(self) -> Path:
-        path = Path(self.root).expanduser()
-        return path if path.is_absolute() else PROJECT_ROOT / path
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model import HiCMAEClassifier, load_reference_weights
-from preprocessing.manifest import DatasetInfo, read_manifest, split_for_fold, write_json
+from preprocessing.manifest import DatasetInfo, read_manifest, split_for_fold
 
 from . import raytrain
 from .augment import label_smoothing_cross_entropy, mixup_cutmix, soft_target_cross_entropy
@@ -195,7 +195,7 @@ def test_files(net, best: dict, loader, device: torch.device, info: DatasetInfo)
 def run_finetune(params: Params, settings: FinetuneSettings, manifest: str | Path, processed_dir: str | Path,
                  out_dir: str | Path, init: str | None, tracker_for_fold=None, loader_workers: int = 1,
                  storage: str | Path | None = None) -> dict:
-    """Fine-tune every configured fold; writes ``<out>/fold-k/`` files and ``<out>/metrics.json`` (fold mean/std)."""
+    """Fine-tune every configured fold; writes ``<out>/fold-k/`` files; returns the fold mean/std summary."""
     info, _ = read_manifest(manifest)
     out_dir = Path(out_dir)
     folds = settings.folds or list(range(1, info.num_folds + 1))
@@ -216,5 +216,4 @@ def run_finetune(params: Params, settings: FinetuneSettings, manifest: str | Pat
     summary = {"folds": folds,
                "last": aggregate_folds([per_fold[f]["last"] for f in folds]),
                "best": aggregate_folds([per_fold[f]["best"] for f in folds])}
-    write_json(out_dir / "metrics.json", summary)
     return summary

@@ -1,22 +1,25 @@
 """The pipeline stages as functions: what ``dvc.yaml`` runs through the CLI, each tracked in MLflow.
 
-Layout (all under the project root):
+Layout (under the project root, or ``$HICMAE_WORKDIR`` when set):
     data/<dataset>/manifest.jsonl     adapter output
     data/<dataset>/processed/         shards/, status.jsonl, summary.json
     runs/pretrain/                    checkpoint.pt, metrics.json
-    runs/<dataset>/finetune/          fold-k/{test_metrics.json, predictions_*.csv}, metrics.json, plots/
+    runs/<dataset>/finetune/          fold-k/{test_metrics.json, predictions_*.csv}, plots/
+    runs/<dataset>/metrics.json       fold mean and std of the test metrics (last and best epoch)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 
 from preprocessing.datasets import build_manifest
-from preprocessing.manifest import read_manifest, write_manifest
+from preprocessing.manifest import read_manifest, write_json, write_manifest
 from preprocessing.run import preprocess
 
 from . import tracking
@@ -26,12 +29,17 @@ from .plots import confusion_matrix_figure, save_figure
 from .pretrain import run_pretrain
 
 
+def work_root() -> Path:
+    """Where data/, runs/ and reports/ live: the project, or ``$HICMAE_WORKDIR``."""
+    return Path(os.environ.get("HICMAE_WORKDIR", PROJECT_ROOT))
+
+
 def data_dir(dataset: str) -> Path:
-    return PROJECT_ROOT / "data" / dataset
+    return work_root() / "data" / dataset
 
 
 def runs_dir(*parts: str) -> Path:
-    return PROJECT_ROOT.joinpath("runs", *parts)
+    return work_root().joinpath("runs", *parts)
 
 
 @dataclass
@@ -47,10 +55,12 @@ class EpochLogger:
         client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, 0, epoch) for k, v in values.items()])
 
 
-def stage_manifest(dataset: str) -> Path:
+def stage_manifest(dataset: str, params: Params) -> Path:
     """Run the dataset's adapter on its configured folder."""
+    if dataset not in params.datasets:
+        raise KeyError(f"dataset {dataset!r} is not listed under datasets in params.yaml")
     config = load_dataset_config(dataset)
-    info, clips = build_manifest(config.adapter, config.root_path())
+    info, clips = build_manifest(config.adapter, params.datasets[dataset].root_path())
     path = write_manifest(data_dir(dataset) / "manifest.jsonl", info, clips)
     print(f"{dataset}: {len(clips)} clips -> {path}")
     return path
@@ -63,6 +73,7 @@ def stage_preprocess(dataset: str, params: Params) -> dict:
         summary = preprocess(data_dir(dataset) / "manifest.jsonl", out, params.preprocess)
         tracking.log_metrics({k: v for k, v in summary.items() if k != "failed"})
         mlflow.log_artifact(str(out / "summary.json"))
+        shutil.copyfile(out / "summary.json", data_dir(dataset) / "preprocess_summary.json")
         mlflow.log_artifact(str(out / "status.jsonl"))
     return summary
 
@@ -99,6 +110,7 @@ def stage_finetune(dataset: str, params: Params) -> dict:
             return EpochLogger(uri, run.info.run_id)
 
         summary = run_finetune(params, settings, manifest, processed, out, init, tracker_for_fold=fold_logger)
+        write_json(runs_dir(dataset, "metrics.json"), summary)
         tracking.log_metrics({"test": summary["best"], "test_last": summary["last"]})
         _log_fold_artifacts(out, summary, info)
     return summary
@@ -131,7 +143,7 @@ def stage_report(params: Params) -> str:
     """reports/results.{md,json}: fold-mean test metrics (best and last epoch) next to the paper's."""
     rows = []
     for dataset in params.datasets:
-        summary = json.loads((runs_dir(dataset, "finetune") / "metrics.json").read_text())
+        summary = json.loads(runs_dir(dataset, "metrics.json").read_text())
         for metric in REPORTED:
             if f"{metric}_mean" not in summary["best"]:
                 continue
@@ -147,10 +159,13 @@ def stage_report(params: Params) -> str:
         lines.append(f"| {r['dataset']} | {r['metric']} | {r['folds']} | {r['best_mean']:.2f} ± {r['best_std']:.2f} "
                      f"| {r['last_mean']:.2f} | {paper} |")
     table = "\n".join(lines) + "\n"
-    out = PROJECT_ROOT / "reports"
+    out = work_root() / "reports"
     out.mkdir(exist_ok=True)
     (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    nested = {r["dataset"]: {} for r in rows}
+    for r in rows:
+        nested[r["dataset"]][r["metric"]] = {k: r[k] for k in ("best_mean", "best_std", "last_mean", "paper")}
+    write_json(out / "results.json", nested)
     with tracking.start_stage_run("report", params, experiment=params.experiment, run_name="report"):
         mlflow.log_artifact(str(out / "results.md"))
         tracking.log_table(rows, "results.csv")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The two entry points of this project, each setting everything up first (idempotent):
+#   ./run.sh demo    set up, then run the whole pipeline (dvc repro) on the embedded demo dataset
+#   ./run.sh test    set up, then run the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+case "${1:-}" in
+    demo) shift; dvc repro "$@" ;;
+    test) shift; python -m pytest "$@" ;;
+    *) echo "usage: ./run.sh demo|test [extra args for dvc repro / pytest]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,86 @@
+"""End to end on tiny real data: demo clips -> manifest -> shards -> pretrain -> finetune 2 folds -> MLflow.
+
+Runs the real CLI entry points on a real Ray (loopback) and a real ``mlflow server``.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow_server import mlflow_server  # noqa: F401
+
+from pipeline import cli
+from preprocessing.datasets.demo import generate_demo
+
+pytestmark = pytest.mark.slow
+
+TINY_MODEL = {"size": "hicmae_tiny", "overrides": {
+    "embed_dim": 32, "num_heads": 1, "audio_embed_dim": 32, "audio_num_heads": 1, "fusion_num_heads": 1,
+    "depth": 3, "audio_depth": 3, "fusion_depth": 1, "hierarchy_layers": [0, 1, 2], "decoder_embed_dim": 16,
+    "decoder_num_heads": 1, "audio_decoder_embed_dim": 16, "audio_decoder_num_heads": 1}}
+
+
+def write_params(path: Path, raw: Path, **sections) -> Path:
+    params = {
+        "datasets": {"demo": {"root": str(raw)}},
+        "experiment": "e2e",
+        "preprocess": {"shard_size": 8, "workers": 2},
+        "pretrain": {"dataset": "demo", "model": TINY_MODEL, "epochs": 1, "batch_size": 4,
+                     "optim": {"warmup_epochs": 0}},
+        "finetune": {"model": TINY_MODEL, "epochs": 2, "batch_size": 4, "folds": [1, 2],
+                     "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("work")
+    generate_demo(root / "raw", seed=0, speakers=5, clips_per_speaker=3)
+    return root
+
+
+def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("HICMAE_WORKDIR", str(workdir))
+    params = str(write_params(workdir / "params.yaml", workdir / "raw"))
+
+    for argv in (["manifest", "--dataset", "demo"], ["preprocess", "--dataset", "demo"], ["pretrain"],
+                 ["finetune", "--dataset", "demo"], ["report"]):
+        assert cli.main(["--params", params, *argv]) == 0
+
+    summary = json.loads((workdir / "data/demo/processed/summary.json").read_text())
+    assert summary["ok"] == 15
+    assert (workdir / "runs/pretrain/checkpoint.pt").is_file()
+    metrics = json.loads((workdir / "runs/demo/metrics.json").read_text())
+    assert metrics["folds"] == [1, 2] and "war_mean" in metrics["best"] and "uar_std" in metrics["last"]
+    for fold in (1, 2):
+        rows = (workdir / f"runs/demo/finetune/fold-{fold}/predictions_best.csv").read_text().splitlines()
+        assert len(rows) == 1 + 3  # header + the 3 clips of the test fold's speaker
+    assert (workdir / "runs/demo/finetune/plots/confusion_fold1_best.png").stat().st_size > 1000
+    assert "| demo | war |" in (workdir / "reports/results.md").read_text()
+
+    experiment = mlflow_server.get("experiments/get-by-name", experiment_name="e2e")["experiment"]
+    runs = mlflow_server.post("runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                              "max_results": 100})["runs"]
+    by_name = {run["info"]["run_name"]: run for run in runs}
+    assert {"preprocess-demo", "pretrain-demo", "finetune-demo", "demo-fold1", "demo-fold2", "report"} <= set(by_name)
+
+    parent = by_name["finetune-demo"]
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    assert tags["dvc_stage"] == "finetune" and len(tags["git_commit"]) >= 7 and tags["data_hash"]
+    assert {m["key"] for m in parent["data"]["metrics"]} >= {"test/war_mean", "test/uar_std"}
+    params_logged = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params_logged["epochs"] == "2" and params_logged["protocol"] == "clean"
+    for fold in (1, 2):
+        child = by_name[f"demo-fold{fold}"]
+        child_tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
+        assert child_tags["mlflow.parentRunId"] == parent["info"]["run_id"]
+        history = mlflow_server.get("metrics/get-history", run_id=child["info"]["run_id"], metric_key="train/loss")
+        assert [m["step"] for m in history["metrics"]] == [0, 1]
+    artifacts = mlflow_server.get("artifacts/list", run_id=parent["info"]["run_id"], path="plots")
+    assert any(f["path"].endswith("confusion_fold1_best.png") for f in artifacts["files"])
