@@ -1,10 +1,11 @@
-"""Fine-tuning augmentation of the reference (HiCMAE section 5.4), re-implemented with numpy, PIL and torch.
+"""Fine-tuning augmentation of the reference (HiCMAE section 5.4), re-implemented with numpy, OpenCV, PIL, torch.
 
 Per clip (every frame of a window shares the same random parameters):
 
 1. resize every frame to ``input_size`` x ``input_size`` (PIL bilinear, aspect not kept);
-2. RandAugment ``rand-m7-n4-mstd0.5-inc1`` on PIL frames (4 ops drawn with replacement, each applied with p=0.5,
-   magnitude N(7, 0.5) clipped to [0, 10], bicubic resampling, grey fill (128, 128, 128));
+2. RandAugment ``rand-m7-n4-mstd0.5-inc1`` (4 ops drawn with replacement, each applied with p=0.5, magnitude
+   N(7, 0.5) clipped to [0, 10], bicubic resampling, grey fill (128, 128, 128)) with timm's level-to-argument
+   mappings; value ops equal PIL's exactly, geometric ops follow PIL's geometry (see the section below);
 3. to float in [0, 1], ImageNet mean/std normalisation, layout (3, T, H, W);
 4. random resized crop (scale 0.08-1, log-uniform ratio 0.75-1.3333, 10 tries then centre fallback), bilinear;
 5. horizontal flip p=0.5;
@@ -17,7 +18,8 @@ and label smoothing 0.1. The reference mixes only the video while it mixes the l
 mixes the audio (same lambda for Mixup; for CutMix a contiguous time span of the partner's log-mel, covering the
 same fraction of time as the video box covers of the frame).
 
-All randomness comes from the ``np.random.Generator`` passed in, so a seed reproduces a clip exactly.
+All randomness comes from the ``np.random.Generator`` passed in, so a seed reproduces a clip exactly. Data-loader
+workers should call ``cv2.setNumThreads(1)`` so OpenCV does not start threads of its own in every worker.
 The reference's waveform ``roll_mag_aug`` is deliberately not reproduced.
 """
 
