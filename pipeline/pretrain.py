@@ -91,7 +91,7 @@ def run_pretrain(params: Params, processed_dir: str | Path, out_dir: str | Path,
     config = {"settings": params.pretrain.model_dump(mode="json"), "shards": shard_paths(processed_dir),
               "num_clips": count_clips(processed_dir), "loader_workers": loader_workers,
               "shuffle_buffer": 64, "tracker": tracker}
-    result = raytrain.run_trainer(pretrain_loop, config, params.scaling, name=f"pretrain-{out_dir.parent.name}",
+    result = raytrain.run_trainer(pretrain_loop, config, params.scaling, name=f"pretrain-{params.pretrain.dataset}",
                                   storage=storage)
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / raytrain.CHECKPOINT_FILE, map_location="cpu", weights_only=False)

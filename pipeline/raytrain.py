@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,12 +37,17 @@ def start_ray() -> None:
 
 def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,
                 storage: str | Path | None = None):
-    """Run ``loop`` on Ray Train workers; returns the ray.train.Result (raises if training failed)."""
+    """Run ``loop`` on Ray Train workers; returns the ray.train.Result (raises if training failed).
+
+    Every call is a new Ray Train run (its name gets a time stamp): a worker that dies is replaced and the
+    group resumes from the run's last checkpoint, but a later call never picks up a stale run's state.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     start_ray()
-    storage = Path(storage or PROJECT_ROOT / "runs" / "ray").resolve()
+    storage = Path(storage or PROJECT_ROOT / "ray_results").resolve()
+    name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,

@@ -6,6 +6,7 @@ Layout (under the project root, or ``$HICMAE_WORKDIR`` when set):
     runs/pretrain/                    checkpoint.pt, metrics.json
     runs/<dataset>/finetune/          fold-k/{test_metrics.json, predictions_*.csv}, plots/
     runs/<dataset>/metrics.json       fold mean and std of the test metrics (last and best epoch)
+    ray_results/                      Ray Train's run folders (checkpoints while training)
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def stage_pretrain(params: Params) -> dict:
                                   run_name=f"pretrain-{dataset}", data_hash=tracking.hash_directory(processed),
                                   tags={"dataset": dataset}) as run:
         logger = EpochLogger(mlflow.get_tracking_uri(), run.info.run_id)
-        metrics = run_pretrain(params, processed, runs_dir("pretrain"), tracker=logger)
+        metrics = run_pretrain(params, processed, runs_dir("pretrain"), tracker=logger,
+                               storage=work_root() / "ray_results")
         tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
     return metrics
 
@@ -109,7 +111,8 @@ def stage_finetune(dataset: str, params: Params) -> dict:
                                           "dataset": dataset, "dvc_stage": "finetune"})
             return EpochLogger(uri, run.info.run_id)
 
-        summary = run_finetune(params, settings, manifest, processed, out, init, tracker_for_fold=fold_logger)
+        summary = run_finetune(params, settings, manifest, processed, out, init, tracker_for_fold=fold_logger,
+                               storage=work_root() / "ray_results")
         write_json(runs_dir(dataset, "metrics.json"), summary)
         tracking.log_metrics({"test": summary["best"], "test_last": summary["last"]})
         _log_fold_artifacts(out, summary, info)
