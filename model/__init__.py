@@ -29,7 +29,8 @@ def count_parameters(module) -> int:
 
 
 __all__ = [
-    "HiCMAEConfig", "SIZES", "ARCHITECTURE_FIELDS", "get_config", "HiCMAEPretrain", "PretrainOutput", "HiCMAEClassifier",
+    "HiCMAEConfig", "SIZES", "ARCHITECTURE_FIELDS", "get_config", "HiCMAEPretrain", "PretrainOutput",
+    "HiCMAEClassifier",
     "FinetuneFeatures", "create_pretrain_model", "create_finetune_model", "load_reference_weights",
     "read_checkpoint", "LoadReport", "config_overrides_from_reference", "tube_mask", "random_mask", "count_parameters",
 ]
