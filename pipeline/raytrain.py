@@ -18,21 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from preprocessing.ray_runtime import start_ray
+
 from .config import PROJECT_ROOT, ScalingSettings
 
 CHECKPOINT_FILE = "state.pt"
-
-
-def start_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` or start Ray locally, bound to loopback."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False)
 
 
 def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,
@@ -45,7 +35,7 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    start_ray()
+    start_ray(log_to_driver=True)
     storage = Path(storage or PROJECT_ROOT / "ray_results").resolve()
     name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = TorchTrainer(

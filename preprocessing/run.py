@@ -27,6 +27,7 @@ from preprocessing.clip import STAGES
 from preprocessing.face import FaceDetector
 from preprocessing.face_model import ensure_face_model
 from preprocessing.manifest import DatasetInfo, read_manifest, write_json
+from preprocessing.ray_runtime import start_ray
 from preprocessing.settings import PreprocessSettings
 from preprocessing.units import WorkUnit, plan_units, process_unit, read_status, remove_leftovers, unit_done
 
@@ -47,26 +48,12 @@ class UnitWorker:
         return {"clips": np.array([len(status["clips"]) for status in done])}
 
 
-def _start_ray(settings: PreprocessSettings) -> bool:
-    """Connect to ``RAY_ADDRESS`` or start a local Ray on loopback; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-    return True
-
-
 def _run_on_ray(out_dir: Path, info: DatasetInfo, units: list[WorkUnit], settings: PreprocessSettings,
                 model_path: str) -> Iterator[int]:
     """Process units on Ray Data; yields the clip count of each finished unit."""
     import ray
 
-    started = _start_ray(settings)
+    started = start_ray()
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False

@@ -1,0 +1,19 @@
+"""Starting Ray the same way for every stage: a cluster when ``RAY_ADDRESS`` is set, else local on loopback."""
+
+from __future__ import annotations
+
+import os
+
+
+def start_ray(log_to_driver: bool = False) -> bool:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray bound to 127.0.0.1; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=log_to_driver)
+    else:
+        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=log_to_driver, configure_logging=False)
+    return True
