@@ -1,0 +1,44 @@
+"""The configuration schema: params.yaml and every conf/datasets file load; bad values name their key."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import PROJECT_ROOT, apply_overrides, finetune_settings_for, load_dataset_config, load_params
+from preprocessing.datasets import ADAPTERS
+
+
+def test_project_params_load_and_pretrain_and_finetune_share_the_encoder():
+    params = load_params()
+    pre, fine = params.pretrain.model.build_config(), params.finetune.model.build_config()
+    assert (pre.embed_dim, pre.depth, pre.audio_depth, pre.fusion_depth) == \
+        (fine.embed_dim, fine.depth, fine.audio_depth, fine.fusion_depth)
+    assert set(params.datasets) <= {p.stem for p in (PROJECT_ROOT / "conf" / "datasets").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "conf" / "datasets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_dataset_config_names_a_known_adapter_and_valid_overrides(path):
+    config = load_dataset_config(path.stem)
+    assert config.adapter in ADAPTERS
+    finetune_settings_for(load_params(), config)  # overrides validate against the schema
+
+
+def test_invalid_values_and_unknown_keys_name_the_key(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"finetune\.epochs"):
+        load_params(overrides=["finetune.epochs=0"])
+    with pytest.raises(ValueError, match=r"pretrain\.optim\.lrr"):
+        load_params(overrides=["pretrain.optim.lrr=1"])
+    with pytest.raises(ValueError, match=r"pretrain\.model\.overrides.*no_such_field"):
+        load_params(overrides=["pretrain.model.overrides.no_such_field=1"])
+    bad = tmp_path / "params.yaml"
+    bad.write_text("datasets: [unclosed")
+    with pytest.raises(ValueError, match="params.yaml: not valid YAML"):
+        load_params(bad)
+
+
+def test_overrides_parse_yaml_values_without_touching_the_input():
+    tree = {"a": {"b": 1}}
+    out = apply_overrides(tree, ["a.b=[1, 2]", "c.d=true"])
+    assert out == {"a": {"b": [1, 2]}, "c": {"d": True}} and tree == {"a": {"b": 1}}
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(tree, ["novalue"])
