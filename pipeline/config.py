@@ -57,6 +57,11 @@ class WindowSettings(Strict):
     sampling_rate: int = Field(4, ge=1)
     audio_frames: int = Field(256, ge=16)
 
+    @property
+    def span(self) -> int:
+        """Clip frames a window covers (64 = 2.56 s at 25 fps)."""
+        return self.num_frames * self.sampling_rate
+
 
 class OptimSettings(Strict):
     """AdamW with linear warm-up then per-step cosine decay; lr and min_lr are scaled by total batch / 256."""

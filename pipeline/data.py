@@ -1,11 +1,11 @@
-"""Training data: shards -> Ray Data datasets of model-ready windows.
+"""Training data: shards -> streams of model-ready windows for each training worker.
 
 A clip in a shard holds all its face frames (at ``meta.fps``) and its whole log-mel fbank (``meta.fbank_rate``
 frames per second). A training window is ``num_frames`` frames taken every ``sampling_rate`` frames (16 x 4 =
 64 frames = 2.56 s at 25 fps) and the fbank frames of the same time span, padded or cut to 256 frames and
 normalised as the reference does. Pre-training windows carry their masks, drawn here in the loader.
 
-Each Ray Train worker reads its share with ``ray.train.get_dataset_shard(name)``.
+Each Ray Train worker streams its own share of the shards with webdataset (``ClipWindows``).
 """
 
 from __future__ import annotations
@@ -50,14 +50,19 @@ def frame_indices(num_clip_frames: int, start: int, window: WindowSettings) -> n
 
 def audio_window(clip: ClipSample, start: int, window: WindowSettings) -> np.ndarray:
     """(1, audio_frames, 128) normalised fbank for the time span of the video window starting at ``start``."""
-    span = window.num_frames * window.sampling_rate
-    first, last = fbank_window(start, start + span, clip.meta["fps"], clip.meta["fbank_rate"])
+    first, last = fbank_window(start, start + window.span, clip.meta["fps"], clip.meta["fbank_rate"])
     return fbank_to_model_input(clip.fbank[first:last], window.audio_frames)
 
 
-def sample_seed(key: str, epoch: int, seed: int) -> int:
-    """A per-sample, per-epoch seed: reproducible windows, augmentations and masks in any worker."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()[:8], "little")
+def sample_rng(key: str, epoch: int, seed: int) -> np.random.Generator:
+    """A per-sample, per-epoch generator: reproducible windows, augmentations and masks in any worker."""
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()[:8],
+                                                "little"))
+
+
+def random_start(num_clip_frames: int, window: WindowSettings, rng: np.random.Generator) -> int:
+    """A uniformly random first frame of a training window (0 when the clip is shorter than the window)."""
+    return int(rng.integers(0, max(num_clip_frames - window.span, 0) + 1))
 
 
 def pretrain_video_transform(frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -77,9 +82,8 @@ def pretrain_video_transform(frames: np.ndarray, rng: np.random.Generator) -> to
 def pretrain_examples(clip: ClipSample, epoch: int, *, window: WindowSettings, cfg: HiCMAEConfig,
                       seed: int) -> list[dict]:
     """One pre-training window of a clip with a random start, crop and masks."""
-    rng = np.random.default_rng(sample_seed(clip.key, epoch, seed))
-    span = window.num_frames * window.sampling_rate
-    start = int(rng.integers(0, max(len(clip.frames) - span, 0) + 1))
+    rng = sample_rng(clip.key, epoch, seed)
+    start = random_start(len(clip.frames), window, rng)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     return [{
         "video": pretrain_video_transform(clip.frames[frame_indices(len(clip.frames), start, window)], rng).numpy(),
@@ -98,9 +102,8 @@ def label_fields(meta: dict) -> dict:
 def finetune_train_examples(clip: ClipSample, epoch: int, *, window: WindowSettings, augment: AugmentConfig,
                             seed: int) -> list[dict]:
     """One augmented training window (random start) of a labelled clip."""
-    rng = np.random.default_rng(sample_seed(clip.key, epoch, seed))
-    span = window.num_frames * window.sampling_rate
-    start = int(rng.integers(0, max(len(clip.frames) - span, 0) + 1))
+    rng = sample_rng(clip.key, epoch, seed)
+    start = random_start(len(clip.frames), window, rng)
     frames = clip.frames[frame_indices(len(clip.frames), start, window)]
     return [{"video": train_video_transform(frames, rng, augment).numpy(), "audio": audio_window(clip, start, window),
              **label_fields(clip.meta)}]
@@ -108,9 +111,8 @@ def finetune_train_examples(clip: ClipSample, epoch: int, *, window: WindowSetti
 
 def finetune_eval_examples(clip: ClipSample, epoch: int, *, window: WindowSettings, views: int) -> list[dict]:
     """``views`` deterministic windows spread over the clip, each tagged with the clip id and view index."""
-    span = window.num_frames * window.sampling_rate
     examples = []
-    for view, start in enumerate(window_starts(len(clip.frames), span, views)):
+    for view, start in enumerate(window_starts(len(clip.frames), window.span, views)):
         frames = clip.frames[frame_indices(len(clip.frames), start, window)]
         examples.append({"video": eval_video_transform(frames).numpy(), "audio": audio_window(clip, start, window),
                          "clip_id": clip.meta["clip_id"], "view": view, **label_fields(clip.meta)})
