@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model import HiCMAEClassifier, load_reference_weights
-from preprocessing.manifest import DatasetInfo, read_manifest, split_for_fold
+from preprocessing.manifest import ClipRecord, DatasetInfo, read_manifest, split_for_fold
 
 from . import raytrain
 from .augment import label_smoothing_cross_entropy, mixup_cutmix, soft_target_cross_entropy
@@ -29,9 +29,8 @@ from .metrics import aggregate_folds, classification_metrics, regression_metrics
 from .optim import build_optimizer, lr_at, scaled_lrs, set_lr
 
 
-def fold_splits(manifest: str | Path, fold: int, settings: FinetuneSettings) -> dict[str, list[str]]:
+def fold_splits(clips: list[ClipRecord], fold: int, settings: FinetuneSettings) -> dict[str, list[str]]:
     """Clip ids of train / val / test for one test fold under the configured protocol."""
-    _, clips = read_manifest(manifest)
     if settings.protocol == "reference":
         split = split_for_fold(clips, fold, val_fraction=0.0)
         split["val"] = split["test"]  # the reference picks its best epoch on the test fold
@@ -146,7 +145,7 @@ def finetune_loop(config: dict) -> None:
     for epoch in range(start_epoch, settings.epochs):
         net.train()
         train_set.set_epoch(epoch)
-        began, loss_sum = time.perf_counter(), 0.0
+        began, loss_sum = time.perf_counter(), torch.zeros((), device=device)  # no host sync per step
         for step, batch in enumerate(raytrain.batches(train_loader, steps)):
             set_lr(optimizer, lr_at(epoch * steps + step, total, warmup, peak, floor))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -157,8 +156,8 @@ def finetune_loop(config: dict) -> None:
             if settings.optim.clip_grad:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), settings.optim.clip_grad)
             optimizer.step()
-            loss_sum += loss.item()
-        metrics = {"epoch": epoch, "train/loss": loss_sum / steps, "lr": optimizer.param_groups[0]["lr"],
+            loss_sum += loss.detach()
+        metrics = {"epoch": epoch, "train/loss": loss_sum.item() / steps, "lr": optimizer.param_groups[0]["lr"],
                    "samples_per_s": steps * settings.batch_size * world / (time.perf_counter() - began)}
         state, files = None, None
         if rank == 0:
@@ -196,13 +195,13 @@ def run_finetune(params: Params, settings: FinetuneSettings, manifest: str | Pat
                  out_dir: str | Path, init: str | None, tracker_for_fold=None, loader_workers: int = 1,
                  storage: str | Path | None = None) -> dict:
     """Fine-tune every configured fold; writes ``<out>/fold-k/`` files; returns the fold mean/std summary."""
-    info, _ = read_manifest(manifest)
+    info, clips = read_manifest(manifest)
     out_dir = Path(out_dir)
     folds = settings.folds or list(range(1, info.num_folds + 1))
     per_fold = {}
     for fold in folds:
         config = {"settings": settings.model_dump(mode="json"), "info": info.model_dump(mode="json"),
-                  "shards": shard_paths(processed_dir), "split": fold_splits(manifest, fold, settings),
+                  "shards": shard_paths(processed_dir), "split": fold_splits(clips, fold, settings),
                   "init": init, "loader_workers": loader_workers,
                   "tracker": tracker_for_fold(fold) if tracker_for_fold else None}
         result = raytrain.run_trainer(finetune_loop, config, params.scaling, name=f"finetune-{info.name}-fold{fold}",

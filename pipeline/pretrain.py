@@ -58,7 +58,7 @@ def pretrain_loop(config: dict) -> None:
     for epoch in range(start_epoch, settings.epochs):
         net.train()
         dataset.set_epoch(epoch)
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        sums = torch.zeros(len(LOSS_KEYS), device=device)  # summed on the device: no host sync per step
         began = time.perf_counter()
         for step, batch in enumerate(raytrain.batches(loader, steps)):
             set_lr(optimizer, lr_at(epoch * steps + step, total, warmup, peak, floor))
@@ -70,9 +70,8 @@ def pretrain_loop(config: dict) -> None:
             if settings.optim.clip_grad:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), settings.optim.clip_grad)
             optimizer.step()
-            for key in LOSS_KEYS:
-                sums[key] += getattr(out, key).item()
-        metrics = {f"train/{k}": v / steps for k, v in sums.items()}
+            sums += torch.stack([getattr(out, key).detach().float() for key in LOSS_KEYS])
+        metrics = {f"train/{k}": v / steps for k, v in zip(LOSS_KEYS, sums.tolist(), strict=True)}
         metrics.update({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                         "samples_per_s": steps * settings.batch_size * world / (time.perf_counter() - began)})
         if tracker:
