@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -41,19 +40,6 @@ def data_dir(dataset: str) -> Path:
 
 def runs_dir(*parts: str) -> Path:
     return work_root().joinpath("runs", *parts)
-
-
-@dataclass
-class EpochLogger:
-    """Logs per-epoch metrics from the rank-0 training worker into an existing MLflow run (picklable)."""
-
-    tracking_uri: str
-    run_id: str
-
-    def log_epoch(self, metrics: dict, epoch: int) -> None:
-        client = mlflow.MlflowClient(self.tracking_uri)
-        values = {k: float(v) for k, v in metrics.items() if tracking.is_scalar(v) and k != "epoch"}
-        client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, 0, epoch) for k, v in values.items()])
 
 
 def stage_manifest(dataset: str, params: Params) -> Path:
@@ -85,7 +71,7 @@ def stage_pretrain(params: Params) -> dict:
     with tracking.start_stage_run("pretrain", params.pretrain, experiment=params.experiment,
                                   run_name=f"pretrain-{dataset}", data_hash=tracking.hash_directory(processed),
                                   tags={"dataset": dataset}) as run:
-        logger = EpochLogger(mlflow.get_tracking_uri(), run.info.run_id)
+        logger = tracking.RunLogger(mlflow.get_tracking_uri(), run.info.run_id)
         metrics = run_pretrain(params, processed, runs_dir("pretrain"), tracker=logger,
                                storage=work_root() / "ray_results")
         tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
@@ -102,17 +88,23 @@ def stage_finetune(dataset: str, params: Params) -> dict:
     with tracking.start_stage_run("finetune", settings, experiment=params.experiment, run_name=f"finetune-{dataset}",
                                   data_hash=tracking.hash_directory(processed),
                                   tags={"dataset": dataset, "protocol": settings.protocol}) as parent:
-        uri = mlflow.get_tracking_uri()
+        fold_runs: dict[int, tracking.RunLogger] = {}
 
-        def fold_logger(fold: int) -> EpochLogger:
-            client = mlflow.MlflowClient(uri)
-            run = client.create_run(parent.info.experiment_id, run_name=f"{dataset}-fold{fold}",
-                                    tags={"mlflow.parentRunId": parent.info.run_id, "fold": str(fold),
-                                          "dataset": dataset, "dvc_stage": "finetune"})
-            return EpochLogger(uri, run.info.run_id)
+        def fold_logger(fold: int) -> tracking.RunLogger:
+            fold_runs[fold] = tracking.start_child_run(parent, f"{dataset}-fold{fold}", {
+                "fold": str(fold), "dataset": dataset, "dvc_stage": "finetune"})
+            return fold_runs[fold]
 
-        summary = run_finetune(params, settings, manifest, processed, out, init, tracker_for_fold=fold_logger,
-                               storage=work_root() / "ray_results")
+        try:
+            summary = run_finetune(params, settings, manifest, processed, out, init, tracker_for_fold=fold_logger,
+                                   storage=work_root() / "ray_results")
+        except BaseException:
+            for run in fold_runs.values():
+                run.finish(status="FAILED")
+            raise
+        for fold, run in fold_runs.items():
+            test = json.loads((out / f"fold-{fold}" / "test_metrics.json").read_text())
+            run.finish({"test": test["best"], "test_last": test["last"]})
         write_json(runs_dir(dataset, "metrics.json"), summary)
         tracking.log_metrics({"test": summary["best"], "test_last": summary["last"]})
         _log_fold_artifacts(out, summary, info)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -206,3 +207,31 @@ def log_table(rows: list[Mapping], artifact_file: str) -> None:
 def log_dict_json(data, artifact_file: str) -> None:
     """Log data as a JSON artifact; numpy values become numbers and lists, other objects (paths) strings."""
     mlflow.log_text(json.dumps(data, indent=2, default=_to_json), artifact_file)
+
+
+@dataclasses.dataclass
+class RunLogger:
+    """Logs into one existing run by id, from any process (a Ray Train worker); picklable."""
+
+    tracking_uri: str
+    run_id: str
+
+    def log_epoch(self, metrics: Mapping, epoch: int) -> None:
+        """The finite numbers of ``metrics`` (``epoch`` itself left out) at step ``epoch``."""
+        flat = {k: float(v) for k, v in flatten(metrics, sep="/").items() if is_scalar(v) and k != "epoch"}
+        entries = [mlflow.entities.Metric(key, value, 0, epoch) for key, value in flat.items()]
+        mlflow.MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=entries)
+
+    def finish(self, metrics: Mapping | None = None, status: str = "FINISHED") -> None:
+        """Log final ``metrics`` (step 0) and end the run with ``status``."""
+        if metrics:
+            self.log_epoch(metrics, 0)
+        mlflow.MlflowClient(self.tracking_uri).set_terminated(self.run_id, status)
+
+
+def start_child_run(parent, run_name: str, tags: Mapping[str, str]) -> RunLogger:
+    """A run nested under ``parent`` (an active mlflow Run) that other processes log into by id."""
+    uri = mlflow.get_tracking_uri()
+    run = mlflow.MlflowClient(uri).create_run(parent.info.experiment_id, run_name=run_name,
+                                              tags={"mlflow.parentRunId": parent.info.run_id, **tags})
+    return RunLogger(uri, run.info.run_id)

@@ -80,6 +80,8 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server
         child = by_name[f"demo-fold{fold}"]
         child_tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
         assert child_tags["mlflow.parentRunId"] == parent["info"]["run_id"]
+        assert child["info"]["status"] == "FINISHED"
+        assert "test/war" in {m["key"] for m in child["data"]["metrics"]}
         history = mlflow_server.get("metrics/get-history", run_id=child["info"]["run_id"], metric_key="train/loss")
         assert [m["step"] for m in history["metrics"]] == [0, 1]
     artifacts = mlflow_server.get("artifacts/list", run_id=parent["info"]["run_id"], path="plots")
