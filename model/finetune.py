@@ -96,6 +96,10 @@ class HiCMAEClassifier(nn.Module):
         embedding = torch.cat(parts, dim=-1)                                       # (B, 2 * sum C)
         return FinetuneFeatures(layer_means, weighted, last_tokens, fused, embedding, self.fc_norm(embedding))
 
+    def head_output(self, features: FinetuneFeatures) -> torch.Tensor:
+        """-> (B, num_classes) logits (or regression outputs) of features from ``forward_features``."""
+        return self.head_activation(self.head(features.embedding_normed))
+
     def forward(self, video: torch.Tensor | None, audio: torch.Tensor | None) -> torch.Tensor:
         """-> (B, num_classes) logits (or regression outputs)."""
-        return self.head_activation(self.head(self.forward_features(video, audio).embedding_normed))
+        return self.head_output(self.forward_features(video, audio))
