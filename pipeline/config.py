@@ -137,6 +137,8 @@ class Params(Strict):
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     experiment: str = "hicmae"
+    variant: str = Field("baseline", min_length=1,
+                         description="this configuration's name, tagged on every MLflow run (ablations set it)")
 
 
 class DatasetConfig(Strict):
