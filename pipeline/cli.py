@@ -5,6 +5,9 @@
     hicmae pretrain
     hicmae finetune   --dataset demo [--set finetune.epochs=3]
     hicmae report
+    hicmae predict VIDEO --model runs/demo/finetune/fold-1/model [--out r.json] [--preview p.png|p.mp4]
+    hicmae export --dataset demo --fold 1   (a fold's newest fine-tuning checkpoint, e.g. unfinished)
+    hicmae ablations [--run | --queue] [NAME ...]   (conf/ablations.yaml as DVC experiments)
 
 Every command reads ``params.yaml`` (``--params`` for another file) and applies ``--set key=value`` overrides.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import PROJECT_ROOT, load_params
 
@@ -29,11 +33,43 @@ def _parser() -> argparse.ArgumentParser:
         commands.add_parser(name).add_argument("--dataset", required=True)
     commands.add_parser("pretrain")
     commands.add_parser("report")
+    predict = commands.add_parser("predict", help="the emotion in one video file: face track, windows, clip")
+    predict.add_argument("video", help="a video file with a face and sound")
+    predict.add_argument("--model", required=True,
+                         help="an exported model (folder or .safetensors) or a reference fine-tuned .pth")
+    predict.add_argument("--out", help="result JSON (default: <video name>.prediction.json here)")
+    predict.add_argument("--preview", help="also write frames with the face box and label: .png or .mp4")
+    predict.add_argument("--size", help="reference .pth only: hicmae_tiny, hicmae_small or hicmae_base")
+    predict.add_argument("--classes", help="reference .pth only: class names in label order, comma-separated, "
+                                           "or a dataset name (crema-d, mafw, ...)")
+    predict.add_argument("--targets", help="reference .pth of a regression model: target names in order")
+    predict.add_argument("--device", default="cpu", help="cpu or cuda")
+    export = commands.add_parser("export", help="export a fine-tuning checkpoint (safetensors + model card)")
+    export.add_argument("--dataset", required=True)
+    export.add_argument("--fold", type=int, help="export the newest Ray checkpoint of this fold's fine-tuning")
+    export.add_argument("--checkpoint", help="a fine-tuning Ray checkpoint folder (instead of the newest)")
+    export.add_argument("--out", help="default: runs/<dataset>/finetune/fold-<fold>/model")
+    ablations = commands.add_parser("ablations", help="list the paper's ablations, or run/queue them with dvc")
+    ablations.add_argument("names", nargs="*", metavar="NAME", help="ablations of conf/ablations.yaml; default all")
+    launch = ablations.add_mutually_exclusive_group()
+    launch.add_argument("--run", action="store_true", help="run now, one after another (dvc exp run --temp)")
+    launch.add_argument("--queue", action="store_true", help="queue (dvc exp run --queue); then dvc exp run --run-all")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "ablations":
+        from . import ablations
+
+        chosen = ablations.select(args.names)
+        if args.run or args.queue:
+            ablations.launch(chosen, queue=args.queue)
+        else:
+            print(ablations.describe(chosen))
+        return 0
     from . import stages  # heavy imports (Ray, MLflow) only once the arguments are valid
 
     params = load_params(args.params, args.overrides)
@@ -47,6 +83,29 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(stages.stage_finetune(args.dataset, params)["best"], indent=2, default=float))
     elif args.command == "report":
         print(stages.stage_report(params))
+    elif args.command == "export":
+        from .export import export_fold
+
+        print(f"exported -> {export_fold(args.dataset, params, args.fold, args.checkpoint, args.out)}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """``hicmae predict``: a short summary on stdout, the JSON in a file; a bad input is one line on stderr."""
+    from preprocessing.decode import MediaError
+
+    from .predict import names_option, predict, summary_text
+
+    out = args.out or f"{Path(args.video).name}.prediction.json"
+    try:
+        classes, targets = names_option(args.classes, args.targets)
+        result = predict(args.video, args.model, out, args.preview, size=args.size, classes=classes,
+                         targets=targets, device=args.device)
+    except (MediaError, FileNotFoundError, ValueError) as err:
+        print(f"hicmae predict: error: {err}", file=sys.stderr)
+        return 1
+    print(summary_text(result))
+    print(f"wrote {out}" + (f" and {args.preview}" if args.preview else ""))
     return 0
 
 
