@@ -57,7 +57,7 @@ def encode_frames(frames: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     jpegs = []
     for frame in frames:
-        ok, buffer = cv2.imencode(".jpg", np.ascontiguousarray(frame[:, :, ::-1]), params)
+        ok, buffer = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), params)  # BGR, as cv2 wants
         if not ok:
             raise RuntimeError("JPEG encoding failed")
         jpegs.append(buffer.tobytes())
