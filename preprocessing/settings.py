@@ -19,7 +19,8 @@ class PreprocessSettings(BaseModel):
     shard_size: int = Field(64, ge=1, description="clips per work unit and shard")
     crop_size: int = Field(160, ge=16, description="side of the aligned face crops")
     jpeg_quality: int = Field(90, ge=1, le=100)
-    detect_long_side: int = Field(320, ge=64, description="frames are downscaled to this for detection")
+    detect_long_side: int = Field(1280, ge=64, description="frames with a longer side are downscaled for "
+                                  "detection (the detector resamples to 128x128 itself)")
     detect_every: int = Field(1, ge=1, description="run the detector on every n-th frame, interpolate between")
     max_short_side: int = Field(480, ge=64, description="decoded frames are downscaled to this")
     min_detection_confidence: float = Field(0.5, gt=0, lt=1)
