@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from preprocessing.decode import AUDIO_RATE, MediaError, decode_audio, decode_video
-from preprocessing.face import FaceDetector, crop_faces, main_track_geometry
+from preprocessing.face import FaceDetector, crop_faces, detect_frames, main_track_geometry
 from preprocessing.fbank import FRAME_LENGTH, FRAME_SHIFT, FRAMES_PER_SECOND, log_mel_fbank
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
@@ -61,8 +61,7 @@ def process_clip(info: DatasetInfo, clip: ClipRecord, key: str, settings: Prepro
         if clip.audio:
             sources |= {"audio": clip.audio, "audio_sha256": file_sha256(audio_path)}
     with timed(timings, "detect"):
-        step = settings.detect_every
-        detections = [detector.detect(frame) if t % step == 0 else None for t, frame in enumerate(video.frames)]
+        detections = detect_frames(detector, video.frames, settings.detect_every)
     with timed(timings, "align_crop"):
         try:
             geometry, stats = main_track_geometry(detections, settings.smooth_frames)

@@ -1,6 +1,6 @@
 """Face detection, tracking and alignment: video frames in, 160x160 aligned face crops out.
 
-Every frame goes through mediapipe's BlazeFace detector (Tasks API, on a downscaled copy for speed). The
+Every frame (or every ``detect_every``-th) goes through mediapipe's BlazeFace detector (Tasks API). The
 main face track is the one with the most face area summed over time (large and present in many frames);
 frames where it is missing are filled by interpolating its neighbours; boxes and eye/mouth keypoints are
 smoothed over time. Each frame is then rotated so the eyes are level and cropped to a square around the
@@ -81,6 +81,16 @@ class FaceDetector:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def detect_frames(detector: FaceDetector, frames: np.ndarray, every: int = 1) -> list[np.ndarray | None]:
+    """Detections on frames 0, every, 2 * every, ... and the last frame; None for the frames skipped.
+
+    frames: (T, H, W, 3) uint8 RGB. The last frame is always examined so that the track's end is
+    interpolated rather than held. Returns per frame (faces, 11) as ``FaceDetector.detect``, or None.
+    """
+    last = len(frames) - 1
+    return [detector.detect(frame) if t % every == 0 or t == last else None for t, frame in enumerate(frames)]
 
 
 def _detection_row(found, scale: float, width: int, height: int) -> list[float]:

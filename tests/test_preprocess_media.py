@@ -9,7 +9,7 @@ from media import speech_wav, write_clip
 
 from preprocessing.clip import process_clip
 from preprocessing.decode import MediaError, _nearest_frames, decode_audio, decode_video
-from preprocessing.face import FaceDetector
+from preprocessing.face import FaceDetector, detect_frames
 from preprocessing.face_model import ensure_face_model
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
@@ -101,12 +101,31 @@ def test_unreadable_inputs_name_the_file(tmp_path):
         assert error.value.reason == "unreadable"
 
 
+def test_detect_frames_examines_every_nth_and_the_last_frame():
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def detect(self, frame):
+            self.seen.append(int(frame[0, 0, 0]))
+            return np.zeros((1, 11), np.float32)
+
+    frames = np.arange(8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    recorder = Recorder()
+    detections = detect_frames(recorder, frames, every=3)
+    assert recorder.seen == [0, 3, 6, 7]
+    assert [t for t, rows in enumerate(detections) if rows is not None] == [0, 3, 6, 7]
+    assert detect_frames(Recorder(), frames[:1], every=3)[0] is not None
+
+
 @pytest.mark.slow
-def test_crop_is_centred_on_the_face(tmp_path, speech, detector):
+@pytest.mark.parametrize("detect_every, examined", [(1, 50), (2, 26)])
+def test_crop_is_centred_on_the_face(tmp_path, speech, detector, detect_every, examined):
     path = write_clip(tmp_path / "face clip.mp4", seconds=2.0, speech=speech)
     info = DatasetInfo(name="demo", task="unlabelled", root=str(tmp_path))
     clip = ClipRecord(clip_id="face/clip.1", video=path.name, speaker="s1", fold=1)
-    sample = process_clip(info, clip, "face_clip_1", PreprocessSettings(), detector, {})
+    settings = PreprocessSettings(detect_every=detect_every)
+    sample = process_clip(info, clip, "face_clip_1", settings, detector, {})
     write_shard(tmp_path / "shard.tar", [sample])
     (decoded,) = list(iter_shards([tmp_path / "shard.tar"]))
     assert decoded.frames.shape == (50, 160, 160, 3) and decoded.frames.dtype == np.uint8
@@ -114,7 +133,8 @@ def test_crop_is_centred_on_the_face(tmp_path, speech, detector):
     meta = decoded.meta
     assert meta["clip_id"] == "face/clip.1" and meta["fps"] == 25 and meta["fbank_rate"] == 100
     assert meta["num_frames"] == 50 and abs(meta["duration"] - 2.0) < 1e-6
-    assert meta["face"]["fraction"] == 1.0 and len(meta["source"]["video_sha256"]) == 64
+    assert meta["face"]["fraction"] == 1.0 and meta["face"]["frames"] == examined
+    assert len(meta["source"]["video_sha256"]) == 64
     for frame in decoded.frames[::10]:
         (face,) = detector.detect(frame)
         x0, y0, x1, y1 = face[:4]
