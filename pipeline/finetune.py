@@ -45,24 +45,52 @@ def model_inputs(net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor | None
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, loader, device: torch.device, task: str) -> dict[str, np.ndarray]:
-    """Per-clip outputs averaged over views: softmax probabilities (classification) or raw outputs."""
+def predict(net: torch.nn.Module, loader, device: torch.device, task: str,
+            embeddings: bool = False) -> dict[str, np.ndarray]:
+    """Per-clip outputs averaged over views: softmax probabilities (classification) or raw outputs.
+
+    With ``embeddings``, also the clip embeddings of the same forward pass, averaged over views, under
+    ``embedding/<name>``: ``video`` and ``audio`` (each modality's hierarchical clip embedding) and ``fused``
+    (the head's input).
+    """
     net.eval()
-    sums: dict[str, np.ndarray] = {}
+    model = raytrain.unwrap(net)  # rank 0 evaluates alone: no DDP collectives
+    sums: dict[str, dict[str, np.ndarray]] = {}
     counts: dict[str, int] = {}
     truth: dict[str, object] = {}
     for batch in loader:
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with raytrain.autocast(device):
-            out = net(*model_inputs(net, tensors)).float()
-        out = out.softmax(-1) if task == "classification" else out
+            features = model.forward_features(*model_inputs(net, tensors))
+            out = model.head_output(features).float()
+        values = {"output": out.softmax(-1) if task == "classification" else out}
+        if embeddings:
+            values.update({f"embedding/{m}": e for m, e in features.weighted.items()})
+            values["embedding/fused"] = features.embedding
+        values = {name: v.float().cpu().numpy() for name, v in values.items()}  # name -> (B, ...)
         for i, clip_id in enumerate(batch["clip_id"]):
-            sums[clip_id] = sums.get(clip_id, 0) + out[i].cpu().numpy()
+            clip = sums.setdefault(clip_id, dict.fromkeys(values, 0))
+            for name, value in values.items():
+                clip[name] = clip[name] + value[i]
             counts[clip_id] = counts.get(clip_id, 0) + 1
             truth[clip_id] = batch["label"][i].item() if task == "classification" else batch["targets"][i].numpy()
+    if not sums:
+        raise ValueError("the evaluation loader produced no clip")
     ids = sorted(sums)
-    return {"clip_id": np.array(ids), "output": np.stack([sums[c] / counts[c] for c in ids]),
-            "truth": np.array([truth[c] for c in ids])}
+    result = {"clip_id": np.array(ids), "truth": np.array([truth[c] for c in ids])}
+    for name in sums[ids[0]]:
+        result[name] = np.stack([sums[c][name] / counts[c] for c in ids])
+    return result
+
+
+def embeddings_npz(predictions: dict) -> bytes:
+    """The clip embeddings of ``predict(..., embeddings=True)`` as an .npz: ``clip_id``, ``truth`` (labels or
+    targets) and one (N, C) float32 array per embedding (``video``, ``audio``, ``fused``)."""
+    arrays = {name.removeprefix("embedding/"): value.astype(np.float32) for name, value in predictions.items()
+              if name.startswith("embedding/")}
+    buffer = io.BytesIO()
+    np.savez(buffer, clip_id=predictions["clip_id"], truth=predictions["truth"], **arrays)
+    return buffer.getvalue()
 
 
 def score(predictions: dict, info: DatasetInfo) -> dict:
@@ -122,6 +150,7 @@ def finetune_loop(config: dict) -> None:
     restored = raytrain.restore(raytrain.unwrap(net), optimizer)
     start_epoch = restored["epoch"] + 1 if restored else 0
     best = restored["best"] if restored else {"score": -np.inf, "epoch": -1, "model": None}
+    history = restored.get("history", []) if restored else []  # rank 0's per-epoch metrics
 
     split, window = config["split"], settings.window
     train_set = ClipWindows(config["shards"], partial(finetune_train_examples, window=window,
@@ -163,28 +192,32 @@ def finetune_loop(config: dict) -> None:
         if rank == 0:
             val = score(predict(net, eval_loader(split["val"], 1), device, info.task), info)
             metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
+            history.append(metrics)
             if val[selection] > best["score"]:
                 weights = {k: v.detach().cpu().clone() for k, v in raytrain.unwrap(net).state_dict().items()}
                 best = {"score": val[selection], "epoch": epoch, "model": weights}
             last = epoch == settings.epochs - 1
             if last:
                 files = test_files(net, best, eval_loader(split["test"], settings.test_views), device, info)
+                files[raytrain.HISTORY_FILE] = raytrain.history_csv(history)
             if tracker:
                 tracker.log_epoch(metrics, epoch)
             state = {"model": raytrain.unwrap(net).state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "best": best, "config": cfg.to_dict()}
+                     "epoch": epoch, "best": best, "history": history, "config": cfg.to_dict()}
         raytrain.report(metrics, state, files)
 
 
 def test_files(net, best: dict, loader, device: torch.device, info: DatasetInfo) -> dict[str, bytes]:
-    """Evaluate the test fold with the last and the best weights: predictions CSVs and a metrics JSON."""
+    """Evaluate the test fold with the last and the best weights: predictions CSVs, a metrics JSON and the
+    best weights' clip embeddings."""
     files, results = {}, {}
     last_weights = {k: v.detach().clone() for k, v in raytrain.unwrap(net).state_dict().items()}
     for name, weights in (("last", last_weights), ("best", best["model"])):
         raytrain.unwrap(net).load_state_dict(weights)
-        predictions = predict(net, loader, device, info.task)
+        predictions = predict(net, loader, device, info.task, embeddings=name == "best")
         results[name] = score(predictions, info)
         files[f"predictions_{name}.csv"] = predictions_csv(predictions, info)
+    files["embeddings_best.npz"] = embeddings_npz(predictions)
     raytrain.unwrap(net).load_state_dict(last_weights)
     results["best_epoch"] = best["epoch"]
     files["test_metrics.json"] = json.dumps(results, indent=2, default=float).encode()
@@ -209,7 +242,8 @@ def run_finetune(params: Params, settings: FinetuneSettings, manifest: str | Pat
         fold_dir = out_dir / f"fold-{fold}"
         fold_dir.mkdir(parents=True, exist_ok=True)
         with result.checkpoint.as_directory() as folder:
-            for name in ("predictions_last.csv", "predictions_best.csv", "test_metrics.json"):
+            for name in ("predictions_last.csv", "predictions_best.csv", "test_metrics.json", "embeddings_best.npz",
+                         raytrain.HISTORY_FILE):
                 (fold_dir / name).write_bytes((Path(folder) / name).read_bytes())
         per_fold[fold] = json.loads((fold_dir / "test_metrics.json").read_text())
     summary = {"folds": folds,

@@ -1,4 +1,4 @@
-"""Figures for runs and reports: confusion matrix, training curves, 2-D embedding map; atomic PNG writing.
+"""Figures for runs and reports: confusion matrix, training curves, 2-D embedding maps; atomic PNG writing.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, rendered by the Agg backend), so they are
 safe in worker processes and are freed when dropped. Log one with ``pipeline.tracking.log_figure`` or write it
@@ -17,8 +17,10 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 
 DPI = 100
+SMALL_TSNE = 1000  # points: t-SNE below this size runs on one thread
 
 
 def confusion_matrix_figure(cm, class_names: Sequence[str], normalize: bool = True,
@@ -110,28 +112,63 @@ def project_2d(embeddings, method: str = "tsne", seed: int = 0) -> np.ndarray:
     if method == "pca":
         return PCA(n_components=2, random_state=seed).fit_transform(points)
     perplexity = min(30.0, (len(points) - 1) / 3)
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    # OpenMP threads cost more than they save on small maps (many times more on a busy machine).
+    with threadpool_limits(1 if len(points) < SMALL_TSNE else None, user_api="openmp"):
+        return tsne.fit_transform(points)
 
 
-def embedding_figure(embeddings, labels, class_names: Sequence[str], method: str = "tsne", seed: int = 0,
-                     title: str | None = None) -> Figure:
-    """Scatter map of (N, D) clip embeddings projected to 2-D, coloured by integer class label."""
-    embeddings = np.asarray(embeddings, dtype=np.float64).reshape(len(embeddings), -1)
-    points = project_2d(embeddings, method, seed)
-    labels = np.asarray(labels).astype(int).reshape(-1)
-    fig = Figure(figsize=(6, 5), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    colours = _class_colours(len(class_names))
-    for index, name in enumerate(class_names):
-        chosen = labels == index
-        if chosen.any():
-            ax.scatter(points[chosen, 0], points[chosen, 1], s=12, color=colours[index], label=name, alpha=0.8)
+def embedding_maps_figure(maps: Mapping[str, np.ndarray], labels, class_names: Sequence[str] | None,
+                          method: str = "tsne", seed: int = 0, title: str | None = None,
+                          value_name: str = "value") -> Figure:
+    """One scatter panel per named (N, D) embedding array of the same N clips, each projected to 2-D.
+
+    Points are coloured by ``labels``: integer class labels with a legend naming ``class_names``, or, with
+    ``class_names=None``, continuous values (N,) with a colour bar named ``value_name``. Each panel's title
+    says the projection used (see ``projection_method``) and the number of clips.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    fig = Figure(figsize=(6.0 * len(maps), 5.0), dpi=DPI, layout="constrained")
+    if title:
+        fig.suptitle(title)
+    for index, (name, embeddings) in enumerate(maps.items(), start=1):
+        embeddings = np.asarray(embeddings, dtype=np.float64).reshape(len(embeddings), -1)  # (N, D)
+        if len(embeddings) != len(labels):
+            raise ValueError(f"{name}: {len(embeddings)} embeddings but {len(labels)} labels")
+        ax = fig.add_subplot(1, len(maps), index)
+        _scatter(fig, ax, project_2d(embeddings, method, seed), labels, class_names, value_name)
+        used = {"tsne": "t-SNE", "pca": "PCA"}[projection_method(*embeddings.shape, method)]
+        ax.set_title(f"{name} ({used}, {len(embeddings)} clips)")
+    return fig
+
+
+def embedding_figure(embeddings, labels, class_names: Sequence[str] | None, method: str = "tsne", seed: int = 0,
+                     title: str | None = None, value_name: str = "value") -> Figure:
+    """Scatter map of (N, D) clip embeddings projected to 2-D, coloured as in ``embedding_maps_figure``."""
+    fig = embedding_maps_figure({"Clip embeddings": embeddings}, labels, class_names, method, seed,
+                                value_name=value_name)
+    if title:
+        fig.axes[0].set_title(title)
+    return fig
+
+
+def _scatter(fig: Figure, ax, points: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None,
+             value_name: str) -> None:
+    """(N, 2) points on ``ax``: one colour per class with a legend, or a colour map with a colour bar."""
+    if class_names is None:
+        image = ax.scatter(points[:, 0], points[:, 1], s=12, c=labels.astype(np.float64), cmap="viridis",
+                           alpha=0.8)
+        fig.colorbar(image, ax=ax, label=value_name)
+    else:
+        labels = labels.astype(int)
+        colours = _class_colours(len(class_names))
+        for index, name in enumerate(class_names):
+            chosen = labels == index
+            if chosen.any():
+                ax.scatter(points[chosen, 0], points[chosen, 1], s=12, color=colours[index], label=name, alpha=0.8)
+        ax.legend(fontsize=8, markerscale=1.5, loc="best")
     ax.set_xticks([])
     ax.set_yticks([])
-    used = {"tsne": "t-SNE", "pca": "PCA"}[projection_method(*embeddings.shape, method)]
-    ax.set_title(title or f"Clip embeddings ({used}, {len(points)} clips)")
-    ax.legend(fontsize=8, markerscale=1.5, loc="best")
-    return fig
 
 
 def _class_colours(count: int) -> list:

@@ -2,8 +2,8 @@
 
     hicmae pretrain --processed data/demo/processed --out runs/demo/pretrain
 
-Writes ``<out>/checkpoint.pt`` (model state dict + config; loadable by ``model.load_reference_weights``) and
-``<out>/metrics.json`` (last epoch's losses).
+Writes ``<out>/checkpoint.pt`` (model state dict + config; loadable by ``model.load_reference_weights``),
+``<out>/metrics.json`` (last epoch's losses) and ``<out>/history.csv`` (the losses and lr of every epoch).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def pretrain_loop(config: dict) -> None:
     optimizer = build_optimizer(raytrain.unwrap(net), settings.optim)
     restored = raytrain.restore(raytrain.unwrap(net), optimizer)
     start_epoch = restored["epoch"] + 1 if restored else 0
+    history = restored.get("history", []) if restored else []  # per-epoch metrics, kept in the checkpoints
 
     dataset = ClipWindows(config["shards"], partial(pretrain_examples, window=settings.window, cfg=cfg,
                                                     seed=settings.seed),
@@ -74,12 +75,13 @@ def pretrain_loop(config: dict) -> None:
         metrics = {f"train/{k}": v / steps for k, v in zip(LOSS_KEYS, sums.tolist(), strict=True)}
         metrics.update({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                         "samples_per_s": steps * settings.batch_size * world / (time.perf_counter() - began)})
+        history.append(metrics)
         if tracker:
             tracker.log_epoch(metrics, epoch)
         last = epoch == settings.epochs - 1
         save = rank == 0 and (last or (epoch + 1) % settings.checkpoint_every == 0)
         state = {"model": raytrain.unwrap(net).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                 "config": cfg.to_dict()} if save else None
+                 "history": history, "config": cfg.to_dict()} if save else None
         raytrain.report(metrics, state)
 
 
@@ -98,6 +100,7 @@ def run_pretrain(params: Params, processed_dir: str | Path, out_dir: str | Path,
     tmp = out_dir / ".checkpoint.pt.tmp"
     torch.save({"model": state["model"], "config": state["config"], "epoch": state["epoch"]}, tmp)
     tmp.replace(out_dir / "checkpoint.pt")
+    (out_dir / raytrain.HISTORY_FILE).write_bytes(raytrain.history_csv(state.get("history", [])))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     write_json(out_dir / "metrics.json", metrics)
     return metrics

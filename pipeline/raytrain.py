@@ -7,6 +7,8 @@ Checkpoints go through ``ray.train.report`` and a restarted worker group resumes
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import random
 import tempfile
@@ -23,6 +25,7 @@ from preprocessing.ray_runtime import start_ray
 from .config import PROJECT_ROOT, ScalingSettings
 
 CHECKPOINT_FILE = "state.pt"
+HISTORY_FILE = "history.csv"  # per-epoch metrics, written with the final checkpoint
 
 
 def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,
@@ -122,6 +125,16 @@ def report(metrics: dict, state: dict | None, extra_files: dict[str, bytes] | No
         for name, payload in (extra_files or {}).items():
             (Path(folder) / name).write_bytes(payload)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def history_csv(history: list[dict]) -> bytes:
+    """Per-epoch metrics dicts as CSV: one row per epoch, the columns in order of first appearance."""
+    columns = list(dict.fromkeys(name for epoch in history for name in epoch))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue().encode()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,9 +3,11 @@
 Layout (under the project root, or ``$HICMAE_WORKDIR`` when set):
     data/<dataset>/manifest.jsonl     adapter output
     data/<dataset>/processed/         shards/, status.jsonl, summary.json
-    runs/pretrain/                    checkpoint.pt, metrics.json
-    runs/<dataset>/finetune/          fold-k/{test_metrics.json, predictions_*.csv}, plots/
+    runs/pretrain/                    checkpoint.pt, metrics.json, history.csv
+    runs/<dataset>/finetune/          info.json, fold-k/{test_metrics.json, predictions_*.csv, history.csv,
+                                      embeddings_best.npz}, plots/
     runs/<dataset>/metrics.json       fold mean and std of the test metrics (last and best epoch)
+    reports/                          results.{md,json}, plots/, curves/ (see pipeline/report.py)
     ray_results/                      Ray Train's run folders (checkpoints while training)
 """
 
@@ -27,6 +29,8 @@ from .config import PROJECT_ROOT, Params, finetune_settings_for, load_dataset_co
 from .finetune import run_finetune
 from .plots import confusion_matrix_figure, save_figure
 from .pretrain import run_pretrain
+from .raytrain import HISTORY_FILE
+from .report import INFO_FILE, describe_dataset, write_report
 
 
 def work_root() -> Path:
@@ -106,16 +110,18 @@ def stage_finetune(dataset: str, params: Params) -> dict:
             test = json.loads((out / f"fold-{fold}" / "test_metrics.json").read_text())
             run.finish({"test": test["best"], "test_last": test["last"]})
         write_json(runs_dir(dataset, "metrics.json"), summary)
+        write_json(out / INFO_FILE, describe_dataset(info, settings.protocol))
         tracking.log_metrics({"test": summary["best"], "test_last": summary["last"]})
         _log_fold_artifacts(out, summary, info)
     return summary
 
 
 def _log_fold_artifacts(out: Path, summary: dict, info) -> None:
-    """Confusion-matrix plots and per-clip predictions of every fold into the parent run."""
+    """Per-clip predictions, the per-epoch history and confusion-matrix plots of every fold into the parent run."""
     for fold in summary["folds"]:
         fold_dir = out / f"fold-{fold}"
         metrics = json.loads((fold_dir / "test_metrics.json").read_text())
+        mlflow.log_artifact(str(fold_dir / HISTORY_FILE), f"fold-{fold}")
         for name in ("best", "last"):
             mlflow.log_artifact(str(fold_dir / f"predictions_{name}.csv"), f"fold-{fold}")
             if info.task == "classification":
@@ -125,43 +131,17 @@ def _log_fold_artifacts(out: Path, summary: dict, info) -> None:
                 mlflow.log_artifact(str(path), "plots")
 
 
-# HiCMAE-B audio-visual fold means reported by the paper (percent), for the results table.
-PAPER_RESULTS = {
-    "crema-d": {"uar": 84.91, "war": 84.89}, "mafw": {"uar": 42.65, "war": 56.17}, "ravdess": {"war": 87.99},
-    "msp-improv": {"war": 74.95}, "iemocap": {"war": 68.36, "uar": 68.21}, "dfew": {"war": 75.01},
-    "werewolf-xl": {"pcc_mean": (69.23 + 33.74 + 40.66) / 3, "ccc_mean": (64.81 + 31.85 + 37.54) / 3},
-}
-REPORTED = ("uar", "war", "f1_weighted", "ccc_mean", "pcc_mean")
-
-
 def stage_report(params: Params) -> str:
-    """reports/results.{md,json}: fold-mean test metrics (best and last epoch) next to the paper's."""
-    rows = []
-    for dataset in params.datasets:
-        summary = json.loads(runs_dir(dataset, "metrics.json").read_text())
-        for metric in REPORTED:
-            if f"{metric}_mean" not in summary["best"]:
-                continue
-            rows.append({"dataset": dataset, "metric": metric, "folds": len(summary["folds"]),
-                         "best_mean": 100 * summary["best"][f"{metric}_mean"],
-                         "best_std": 100 * summary["best"][f"{metric}_std"],
-                         "last_mean": 100 * summary["last"][f"{metric}_mean"],
-                         "paper": PAPER_RESULTS.get(dataset, {}).get(metric)})
-    lines = ["| dataset | metric | folds | best epoch (mean ± std) | last epoch | paper (HiCMAE-B) |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        paper = f"{r['paper']:.2f}" if r["paper"] is not None else "—"
-        lines.append(f"| {r['dataset']} | {r['metric']} | {r['folds']} | {r['best_mean']:.2f} ± {r['best_std']:.2f} "
-                     f"| {r['last_mean']:.2f} | {paper} |")
-    table = "\n".join(lines) + "\n"
+    """reports/: the results table next to the published figures, and every dataset's plots (pipeline/report.py),
+    all logged to the report run."""
     out = work_root() / "reports"
-    out.mkdir(exist_ok=True)
-    (out / "results.md").write_text(table)
-    nested = {r["dataset"]: {} for r in rows}
-    for r in rows:
-        nested[r["dataset"]][r["metric"]] = {k: r[k] for k in ("best_mean", "best_std", "last_mean", "paper")}
-    write_json(out / "results.json", nested)
     with tracking.start_stage_run("report", params, experiment=params.experiment, run_name="report"):
-        mlflow.log_artifact(str(out / "results.md"))
-        tracking.log_table(rows, "results.csv")
-    return table
+        report = write_report(params.datasets, runs_dir(), out)
+        for name in ("results.md", "results.json"):
+            mlflow.log_artifact(str(out / name))
+        tracking.log_table(report["rows"], "results.csv")
+        for folder in ("plots", "curves"):
+            mlflow.log_artifacts(str(out / folder), folder)
+        tracking.log_metrics({f"{r['dataset']}/{r['metric']}": r["best_mean"] for r in report["rows"]
+                              if r["best_mean"] is not None})
+    return report["markdown"]

@@ -6,8 +6,10 @@ Runs the real CLI entry points on a real Ray (loopback) and a real ``mlflow serv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from matplotlib.image import imread
 from mlflow_server import mlflow_server  # noqa: F401
 
 from pipeline import cli
@@ -62,7 +64,15 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server
         rows = (workdir / f"runs/demo/finetune/fold-{fold}/predictions_best.csv").read_text().splitlines()
         assert len(rows) == 1 + 3  # header + the 3 clips of the test fold's speaker
     assert (workdir / "runs/demo/finetune/plots/confusion_fold1_best.png").stat().st_size > 1000
+    with np.load(workdir / "runs/demo/finetune/fold-2/embeddings_best.npz") as embeddings:  # the test clips above
+        assert list(embeddings["clip_id"]) == [row.split(",")[0] for row in rows[1:]]
+        assert embeddings["video"].shape == (3, 32) and embeddings["fused"].shape == (3, 128)
+    history = (workdir / "runs/demo/finetune/fold-1/history.csv").read_text().splitlines()
+    assert len(history) == 1 + 2 and "val/uar" in history[0]  # header + one row per epoch
+    assert len((workdir / "runs/pretrain/history.csv").read_text().splitlines()) == 1 + 1
     assert "| demo | war |" in (workdir / "reports/results.md").read_text()
+    for name in ("demo/confusion", "demo/embeddings", "demo/curves", "pretrain/curves"):
+        assert imread(workdir / f"reports/plots/{name}.png").ndim == 3
 
     experiment = mlflow_server.get("experiments/get-by-name", experiment_name="e2e")["experiment"]
     runs = mlflow_server.post("runs/search", {"experiment_ids": [experiment["experiment_id"]],
@@ -86,3 +96,6 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server
         assert [m["step"] for m in history["metrics"]] == [0, 1]
     artifacts = mlflow_server.get("artifacts/list", run_id=parent["info"]["run_id"], path="plots")
     assert any(f["path"].endswith("confusion_fold1_best.png") for f in artifacts["files"])
+    report = mlflow_server.get("artifacts/list", run_id=by_name["report"]["info"]["run_id"], path="plots/demo")
+    assert {f["path"] for f in report["files"]} == {f"plots/demo/{n}.png"
+                                                     for n in ("confusion", "embeddings", "curves")}

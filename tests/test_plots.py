@@ -9,6 +9,7 @@ from pipeline.plots import (
     as_history,
     confusion_matrix_figure,
     embedding_figure,
+    embedding_maps_figure,
     project_2d,
     save_figure,
     training_curves_figure,
@@ -75,6 +76,21 @@ def test_embedding_png(tmp_path, num_points, method):
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == CLASSES[:3]
     image = saved_image(fig, tmp_path / "embedding.png")
     assert image.shape[:2] == (500, 600)
+
+
+def test_embedding_maps_one_panel_per_embedding_coloured_by_a_continuous_value(tmp_path):
+    rng = np.random.default_rng(2)
+    values = np.linspace(-1, 1, 12)  # e.g. the valence of 12 clips
+    maps = {"video": rng.normal(size=(12, 8)), "audio": rng.normal(size=(12, 4)), "fused": rng.normal(size=(12, 16))}
+    fig = embedding_maps_figure(maps, values, None, value_name="valence", title="werewolf-xl")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [f"{name} (t-SNE, 12 clips)" for name in maps]
+    colour_bars = [ax for ax in fig.axes if not ax.get_title()]
+    assert [ax.get_ylabel() for ax in colour_bars] == ["valence"] * 3
+    np.testing.assert_allclose(panels[0].collections[0].get_array(), values)  # colours follow the values
+    assert saved_image(fig, tmp_path / "maps.png").shape[:2] == (500, 1800)
+    with pytest.raises(ValueError, match="video: 12 embeddings but 11 labels"):
+        embedding_maps_figure(maps, values[:11], None)
 
 
 def test_projection_is_deterministic_and_separates_classes():
