@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "export":
         from .export import export_fold
 
-        print(f"exported -> {export_fold(args.dataset, params, args.fold, args.checkpoint, args.out)}")
+        try:
+            print(f"exported -> {export_fold(args.dataset, params, args.fold, args.checkpoint, args.out)}")
+        except (FileNotFoundError, ValueError) as err:
+            print(f"hicmae export: error: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

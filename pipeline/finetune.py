@@ -25,6 +25,7 @@ from . import raytrain
 from .augment import label_smoothing_cross_entropy, mixup_cutmix, soft_target_cross_entropy
 from .config import FinetuneSettings, Params
 from .data import ClipWindows, finetune_eval_examples, finetune_train_examples, make_loader, shard_paths
+from .export import export_checkpoint
 from .metrics import aggregate_folds, classification_metrics, regression_metrics, selection_metric
 from .optim import build_optimizer, lr_at, scaled_lrs, set_lr
 
@@ -227,11 +228,15 @@ def test_files(net, best: dict, loader, device: torch.device, info: DatasetInfo)
 def run_finetune(params: Params, settings: FinetuneSettings, manifest: str | Path, processed_dir: str | Path,
                  out_dir: str | Path, init: str | None, tracker_for_fold=None, loader_workers: int = 1,
                  storage: str | Path | None = None) -> dict:
-    """Fine-tune every configured fold; writes ``<out>/fold-k/`` files; returns the fold mean/std summary."""
+    """Fine-tune every configured fold; writes ``<out>/fold-k/`` files and the fold's best model exported to
+    ``<out>/fold-k/model/`` (``pipeline.export``); returns the fold mean/std summary."""
+    from .tracking import hash_directory  # MLflow stays out of the training workers' imports
+
     info, clips = read_manifest(manifest)
     out_dir = Path(out_dir)
     folds = settings.folds or list(range(1, info.num_folds + 1))
     per_fold = {}
+    data_hash = hash_directory(processed_dir)  # recorded in every exported model card
     for fold in folds:
         config = {"settings": settings.model_dump(mode="json"), "info": info.model_dump(mode="json"),
                   "shards": shard_paths(processed_dir), "split": fold_splits(clips, fold, settings),
@@ -245,6 +250,8 @@ def run_finetune(params: Params, settings: FinetuneSettings, manifest: str | Pat
             for name in ("predictions_last.csv", "predictions_best.csv", "test_metrics.json", "embeddings_best.npz",
                          raytrain.HISTORY_FILE):
                 (fold_dir / name).write_bytes((Path(folder) / name).read_bytes())
+            export_checkpoint(folder, info, fold_dir / "model", data_hash=data_hash, name=f"{info.name}-fold{fold}",
+                              window=settings.window, preprocess=params.preprocess)
         per_fold[fold] = json.loads((fold_dir / "test_metrics.json").read_text())
     summary = {"folds": folds,
                "last": aggregate_folds([per_fold[f]["last"] for f in folds]),

@@ -6,10 +6,13 @@ import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from preprocessing.decode import AUDIO_RATE, MediaError, decode_audio, decode_video
-from preprocessing.face import FaceDetector, crop_faces, detect_frames, main_track_geometry
+import numpy as np
+
+from preprocessing.decode import AUDIO_RATE, MediaError, VideoClip, decode_audio, decode_video
+from preprocessing.face import FaceDetector, FaceStats, crop_faces, detect_frames, main_track_geometry
 from preprocessing.fbank import FRAME_LENGTH, FRAME_SHIFT, FRAMES_PER_SECOND, log_mel_fbank
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
@@ -45,21 +48,28 @@ def clip_meta(info: DatasetInfo, clip: ClipRecord, key: str, settings: Preproces
             "frames_format": f"jpeg q{settings.jpeg_quality}", **fields}
 
 
-def process_clip(info: DatasetInfo, clip: ClipRecord, key: str, settings: PreprocessSettings,
-                 detector: FaceDetector, timings: dict[str, float]) -> dict:
-    """Turn one clip into an encoded shard sample; failures raise MediaError with a reason."""
-    root = Path(info.root)
-    video_path = root / clip.video
-    audio_path = root / clip.audio if clip.audio else video_path
+@dataclass
+class ClipMedia:
+    """A clip decoded and face-tracked: what a shard sample (and a single-video prediction) is made from."""
+
+    video: VideoClip          # frames (T, H, W, 3) uint8 RGB at ``settings.fps``, upright
+    origin: float             # timeline origin: seconds into the source file of frame 0
+    geometry: np.ndarray      # (T, 10) main face per frame (face.py columns), in ``video.frames`` pixels
+    face: FaceStats           # incl. ``scores``: (T,) detector score, NaN where the track was filled
+    crops: np.ndarray         # (T, crop_size, crop_size, 3) uint8 aligned face crops
+    fbank: np.ndarray         # (N, 128) float32 log-mel of the audio on the same timeline
+    audio_duration: float     # seconds of audio the file holds from ``origin``
+
+
+def load_clip_media(video_path: Path, audio_path: Path, start: float | None, end: float | None,
+                    settings: PreprocessSettings, detector: FaceDetector, timings: dict[str, float]) -> ClipMedia:
+    """Decode, detect, track, align and crop, fbank; failures raise MediaError with a reason."""
     with timed(timings, "decode"):
-        video, origin = decode_video(video_path, settings.fps, clip.start, clip.end, settings.max_short_side)
+        video, origin = decode_video(video_path, settings.fps, start, end, settings.max_short_side)
         if video.duration < settings.min_duration:
             raise MediaError("too_short", video_path, f"{video.duration:.3f} s of video, "
                              f"less than {settings.min_duration} s")
         wave, audio_duration = decode_audio(audio_path, origin, video.duration)
-        sources = {"video": clip.video, "video_sha256": file_sha256(video_path)}
-        if clip.audio:
-            sources |= {"audio": clip.audio, "audio_sha256": file_sha256(audio_path)}
     with timed(timings, "detect"):
         detections = detect_frames(detector, video.frames, settings.detect_every)
     with timed(timings, "align_crop"):
@@ -73,13 +83,29 @@ def process_clip(info: DatasetInfo, clip: ClipRecord, key: str, settings: Prepro
         crops = crop_faces(video.frames, geometry, settings.crop_size)
     with timed(timings, "fbank"):
         fbank = log_mel_fbank(wave, AUDIO_RATE)
-    meta = clip_meta(info, clip, key, settings, num_frames=len(crops), duration=video.duration,
-                     fbank_frames=len(fbank), audio_duration=round(audio_duration, 4),
+    return ClipMedia(video=video, origin=origin, geometry=geometry, face=stats, crops=crops, fbank=fbank,
+                     audio_duration=audio_duration)
+
+
+def process_clip(info: DatasetInfo, clip: ClipRecord, key: str, settings: PreprocessSettings,
+                 detector: FaceDetector, timings: dict[str, float]) -> dict:
+    """Turn one clip into an encoded shard sample; failures raise MediaError with a reason."""
+    root = Path(info.root)
+    video_path = root / clip.video
+    audio_path = root / clip.audio if clip.audio else video_path
+    media = load_clip_media(video_path, audio_path, clip.start, clip.end, settings, detector, timings)
+    video, stats = media.video, media.face
+    with timed(timings, "decode"):
+        sources = {"video": clip.video, "video_sha256": file_sha256(video_path)}
+        if clip.audio:
+            sources |= {"audio": clip.audio, "audio_sha256": file_sha256(audio_path)}
+    meta = clip_meta(info, clip, key, settings, num_frames=len(media.crops), duration=video.duration,
+                     fbank_frames=len(media.fbank), audio_duration=round(media.audio_duration, 4),
                      face={"frames": stats.frames, "detected": stats.detected,
                            "fraction": round(stats.fraction, 4), "tracks": stats.tracks,
                            "mean_score": round(stats.mean_score, 4)},
-                     source={**sources, "start": clip.start, "end": clip.end, "origin": origin,
+                     source={**sources, "start": clip.start, "end": clip.end, "origin": media.origin,
                              "source_fps": round(video.source_fps, 4), "rotation": video.rotation,
                              "height": int(video.frames.shape[1]), "width": int(video.frames.shape[2])})
     with timed(timings, "encode"):
-        return encode_sample(crops, fbank, meta, settings.jpeg_quality)
+        return encode_sample(media.crops, media.fbank, meta, settings.jpeg_quality)

@@ -34,6 +34,7 @@ class FaceStats:
     detected: int  # frames where the main track has its own detection (the rest are filled)
     tracks: int
     mean_score: float
+    scores: np.ndarray | None = None  # (T,) the main track's detector score per frame, NaN where filled
 
     @property
     def fraction(self) -> float:
@@ -160,8 +161,10 @@ def main_track_geometry(detections: list[np.ndarray | None],
     geometry = np.stack([np.interp(frames, known, rows[:, c]) for c in range(10)], axis=1)
     geometry = uniform_filter1d(geometry, size=smooth_frames, axis=0, mode="nearest")
     examined = sum(rows is not None for rows in detections)
+    scores = np.full(len(detections), np.nan, dtype=np.float32)
+    scores[known] = rows[:, 10]
     stats = FaceStats(frames=examined, detected=len(known), tracks=len(tracks),
-                      mean_score=float(rows[:, 10].mean()))
+                      mean_score=float(rows[:, 10].mean()), scores=scores)
     return geometry.astype(np.float32), stats
 
 

@@ -1,0 +1,217 @@
+"""Exported models: fine-tuned weights as safetensors with a model card, and loading them back.
+
+An exported model is a folder:
+
+    model.safetensors   the HiCMAEClassifier state dict (float32 tensors, no pickled code)
+    model_card.json     what is needed to rebuild and use it: the HiCMAEConfig, classes or targets, the task,
+                        the window and preprocessing settings it was trained with, its test metrics, the hash of
+                        the processed data, the checkpoint it came from, the git commit
+    README.md           the same as a short human-readable model card
+
+The fine-tuning stage exports every fold's best-epoch weights to ``runs/<dataset>/finetune/fold-k/model/``;
+``hicmae export`` does the same from any fine-tuning Ray checkpoint; ``hicmae predict --model DIR`` uses one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import HiCMAEClassifier, HiCMAEConfig
+from preprocessing.manifest import DatasetInfo, write_json
+from preprocessing.settings import PreprocessSettings
+
+from .config import WindowSettings
+
+FORMAT = "hicmae-finetuned/1"
+WEIGHTS_FILE, CARD_FILE, README_FILE = "model.safetensors", "model_card.json", "README.md"
+CHECKPOINT_STATE, CHECKPOINT_METRICS = "state.pt", "test_metrics.json"
+
+
+def config_from_dict(config: dict | HiCMAEConfig) -> HiCMAEConfig:
+    """A HiCMAEConfig from its ``to_dict()`` form (JSON turns tuples into lists)."""
+    if isinstance(config, HiCMAEConfig):
+        return config
+    return HiCMAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+
+
+def output_names(card: dict) -> list[str]:
+    """The model's outputs in order: class names (classification) or target names (regression)."""
+    return card["classes"] if card["task"] == "classification" else card["targets"]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def export_model(state_dict: dict[str, torch.Tensor], config: dict | HiCMAEConfig, info: DatasetInfo,
+                 metrics: dict, data_hash: str | None, out_dir: str | Path, *, name: str | None = None,
+                 window: WindowSettings | None = None, preprocess: PreprocessSettings | None = None,
+                 source: str | None = None) -> Path:
+    """Write ``model.safetensors``, ``model_card.json`` and ``README.md`` into ``out_dir``; returns ``out_dir``.
+
+    The weights are checked by loading them strictly into a fresh HiCMAEClassifier of ``config`` with one
+    output per class (or target) of ``info``. ``metrics``: any JSON-able dict (e.g. the test metrics of the
+    exported epoch).
+    """
+    from .tracking import git_commit  # MLflow is imported only when exporting, not when predicting
+
+    cfg = config_from_dict(config)
+    card = {"format": FORMAT, "name": name or info.name, "dataset": info.name, "task": info.task,
+            "classes": list(info.classes), "targets": list(info.targets), "config": cfg.to_dict()}
+    net = HiCMAEClassifier(cfg, len(output_names(card)))
+    net.load_state_dict(state_dict)  # strict: names and shapes must match the config exactly
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_FILE
+    tmp = weights.with_name(f".{WEIGHTS_FILE}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
+              metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # safetensors creates the file readable by its owner only
+    os.replace(tmp, weights)
+    card |= {"parameters": sum(p.numel() for p in net.parameters()),
+             "window": (window or WindowSettings()).model_dump(),
+             "preprocess": (preprocess or PreprocessSettings()).output_fingerprint(),
+             "metrics": metrics, "data_hash": data_hash, "source": source, "git_commit": git_commit(),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights_sha256": _sha256(weights)}
+    write_json(out_dir / CARD_FILE, card)
+    (out_dir / README_FILE).write_text(model_card_markdown(card, out_dir))
+    return out_dir
+
+
+def export_checkpoint(checkpoint_dir: str | Path, info: DatasetInfo, out_dir: str | Path, *, data_hash: str | None,
+                      name: str | None = None, window: WindowSettings | None = None,
+                      preprocess: PreprocessSettings | None = None) -> Path:
+    """Export the best-epoch weights of a fine-tuning Ray checkpoint folder (``state.pt``, and the test metrics
+    of ``test_metrics.json`` when the fold finished)."""
+    folder = Path(checkpoint_dir)
+    if not (folder / CHECKPOINT_STATE).is_file():
+        raise FileNotFoundError(f"{folder}: no {CHECKPOINT_STATE}; not a fine-tuning checkpoint folder")
+    state = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=False)  # our own file
+    best = state.get("best") or {}
+    if "config" not in state or best.get("model") is None:
+        raise ValueError(f"{folder / CHECKPOINT_STATE}: no best-epoch weights and config; "
+                         "is it a fine-tuning checkpoint?")
+    metrics = {"epoch": best["epoch"], "validation_score": float(best["score"])}
+    if (folder / CHECKPOINT_METRICS).is_file():
+        test = json.loads((folder / CHECKPOINT_METRICS).read_text())
+        metrics["test"] = test["best"]
+    return export_model(best["model"], state["config"], info, metrics, data_hash, out_dir, name=name,
+                        window=window, preprocess=preprocess, source=str(folder.resolve()))
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[HiCMAEClassifier, dict]:
+    """An exported model (its folder, or its ``.safetensors`` file with ``model_card.json`` beside it) in eval
+    mode, and its card."""
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    card_path = weights.parent / CARD_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no such exported model file")
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{card_path}: missing; an exported model needs its card next to {weights.name}")
+    card = json.loads(card_path.read_text())
+    if card.get("format") != FORMAT:
+        raise ValueError(f"{card_path}: not a model card of this pipeline (format {card.get('format')!r})")
+    if card.get("weights_sha256") and _sha256(weights) != card["weights_sha256"]:
+        raise ValueError(f"{weights}: does not match {card_path.name} (sha256 differs); a card of another model?")
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    net = HiCMAEClassifier(config_from_dict(card["config"]), len(output_names(card)))
+    net.load_state_dict(state)
+    return net.to(device).eval(), card
+
+
+def _scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of nested metrics as ``{"test/uar": 0.81, ...}`` (lists such as confusion matrices left out)."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat |= _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def model_card_markdown(card: dict, folder: Path) -> str:
+    """The README of an exported model."""
+    cfg = card["config"]
+    names = output_names(card)
+    window = card["window"]
+    seconds = window["num_frames"] * window["sampling_rate"] / card["preprocess"]["fps"]
+    lines = [
+        f"# HiCMAE emotion model: {card['name']}",
+        "",
+        f"Audio-visual emotion recognition ({card['task']}), fine-tuned on **{card['dataset']}**.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model | HiCMAE {cfg['modality']}: video {cfg['embed_dim']} wide x {cfg['depth']} blocks, audio "
+        f"{cfg['audio_embed_dim']} x {cfg['audio_depth']}, fusion {cfg['fusion_depth']}; "
+        f"{card['parameters'] / 1e6:.2f} M parameters |",
+        f"| {'classes' if card['task'] == 'classification' else 'targets'} | {', '.join(names)} |",
+        f"| input | {window['num_frames']} face crops ({cfg['img_size']} px) every {window['sampling_rate']} "
+        f"frames at {card['preprocess']['fps']:g} fps ({seconds:.2f} s) + {window['audio_frames']} log-mel "
+        "frames per window |",
+        f"| data | processed shards sha256 `{card['data_hash']}` |",
+        f"| source | `{card['source']}` (git commit `{card['git_commit']}`) |",
+        f"| weights | `{WEIGHTS_FILE}` sha256 `{card['weights_sha256']}` |",
+        "",
+        "## Metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {key} | {value:.4g} |" for key, value in _scalars(card["metrics"]).items()),
+        "",
+        "## Use",
+        "",
+        f"    hicmae predict video.mp4 --model {folder} --out result.json --preview preview.png",
+        "",
+        "or in Python: `pipeline.predict.predict(\"video.mp4\", model=...)`; "
+        "`pipeline.export.load_exported(folder)` returns the model and this card.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def newest_checkpoint(storage: Path, run_prefix: str) -> Path:
+    """The newest checkpoint folder of the newest Ray Train run named ``<run_prefix>-<time stamp>-<pid>``."""
+    runs = sorted(storage.glob(f"{run_prefix}-*"))  # the time stamp sorts the runs (and their checkpoints)
+    checkpoints = sorted(p.parent for p in runs[-1].glob(f"checkpoint_*/{CHECKPOINT_STATE}")) if runs else []
+    if not checkpoints:
+        raise FileNotFoundError(f"{storage}: no checkpoint of a run {run_prefix}-*")
+    return checkpoints[-1]
+
+
+def export_fold(dataset: str, params, fold: int | None = None, checkpoint: str | Path | None = None,
+                out_dir: str | Path | None = None) -> Path:
+    """``hicmae export``: a fine-tuning checkpoint of ``dataset`` exported (by default the newest one of
+    ``fold``'s runs, to ``runs/<dataset>/finetune/fold-<fold>/model``), e.g. from a run that did not finish."""
+    from preprocessing.manifest import read_manifest
+
+    from .config import finetune_settings_for, load_dataset_config
+    from .stages import data_dir, runs_dir, work_root
+    from .tracking import hash_directory
+
+    if checkpoint is None and fold is None:
+        raise ValueError("give --fold (its newest checkpoint) or --checkpoint")
+    if out_dir is None and fold is None:
+        raise ValueError("give --out (or --fold for the default runs/<dataset>/finetune/fold-<k>/model)")
+    info, _ = read_manifest(data_dir(dataset) / "manifest.jsonl")
+    if checkpoint is None:
+        checkpoint = newest_checkpoint(work_root() / "ray_results", f"finetune-{info.name}-fold{fold}")
+    processed = data_dir(dataset) / "processed"
+    settings = finetune_settings_for(params, load_dataset_config(dataset))
+    return export_checkpoint(checkpoint, info, out_dir or runs_dir(dataset, "finetune", f"fold-{fold}", "model"),
+                             data_hash=hash_directory(processed) if processed.is_dir() else None,
+                             name=f"{info.name}-fold{fold}" if fold else info.name, window=settings.window,
+                             preprocess=params.preprocess)
