@@ -27,7 +27,7 @@ from .config import FinetuneSettings, Params
 from .data import ClipWindows, finetune_eval_examples, finetune_train_examples, make_loader, shard_paths
 from .export import export_checkpoint
 from .metrics import aggregate_folds, classification_metrics, regression_metrics, selection_metric
-from .optim import build_optimizer, lr_at, scaled_lrs, set_lr
+from .optim import build_optimizer, lr_at, optimizer_step, scaled_lrs, set_lr
 
 
 def fold_splits(clips: list[ClipRecord], fold: int, settings: FinetuneSettings) -> dict[str, list[str]]:
@@ -130,6 +130,17 @@ def train_loss(net, batch: dict, info: DatasetInfo, settings: FinetuneSettings, 
     return label_smoothing_cross_entropy(logits.float(), batch["label"], augment.label_smoothing)
 
 
+def train_step(net, batch: dict, optimizer, info: DatasetInfo, settings: FinetuneSettings, rng: np.random.Generator,
+               precision: str | None = None) -> torch.Tensor:
+    """One step on a batch already on the device: ``train_loss``, backward, AdamW step; the detached loss.
+
+    ``precision``: see ``raytrain.autocast``."""
+    with raytrain.autocast(batch["video"].device, precision):
+        loss = train_loss(net, batch, info, settings, rng)
+    optimizer_step(optimizer, loss, net.parameters(), settings.optim.clip_grad)
+    return loss.detach()
+
+
 def finetune_loop(config: dict) -> None:
     """The per-worker training function of one fold (runs inside Ray Train)."""
     settings = FinetuneSettings.model_validate(config["settings"])
@@ -179,14 +190,7 @@ def finetune_loop(config: dict) -> None:
         for step, batch in enumerate(raytrain.batches(train_loader, steps)):
             set_lr(optimizer, lr_at(epoch * steps + step, total, warmup, peak, floor))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with raytrain.autocast(device):
-                loss = train_loss(net, batch, info, settings, rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), settings.optim.clip_grad)
-            optimizer.step()
-            loss_sum += loss.detach()
+            loss_sum += train_step(net, batch, optimizer, info, settings, rng)
         metrics = {"epoch": epoch, "train/loss": loss_sum.item() / steps, "lr": optimizer.param_groups[0]["lr"],
                    "samples_per_s": steps * settings.batch_size * world / (time.perf_counter() - began)}
         state, files = None, None

@@ -49,12 +49,23 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, settings: OptimSettings, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; ``fused`` None = the fused kernel when every parameter is on a GPU."""
     groups = param_groups(model, settings.weight_decay, settings.layer_decay)
     for group in groups:
         group.pop("names")
-    fused = all(p.is_cuda for g in groups for p in g["params"])
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=1e-8, fused=fused or None)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters, clip_grad: float | None) -> None:
+    """Backward of ``loss``, optional gradient-norm clipping of ``parameters``, one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+    optimizer.step()
 
 
 def scaled_lrs(settings: OptimSettings, total_batch: int) -> tuple[float, float]:

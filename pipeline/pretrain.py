@@ -21,7 +21,7 @@ from preprocessing.manifest import write_json
 from . import raytrain
 from .config import Params, PretrainSettings
 from .data import ClipWindows, make_loader, pretrain_examples, shard_paths
-from .optim import build_optimizer, lr_at, scaled_lrs, set_lr
+from .optim import build_optimizer, lr_at, optimizer_step, scaled_lrs, set_lr
 
 LOSS_KEYS = ("loss", "loss_video", "loss_audio", "loss_contrastive")
 
@@ -30,6 +30,16 @@ def count_clips(processed_dir: str | Path) -> int:
     """Clips in a preprocessed dataset (from its summary)."""
     summary = json.loads((Path(processed_dir) / "summary.json").read_text())
     return int(summary["ok"])
+
+
+def train_step(net, batch: dict, optimizer, clip_grad: float | None, precision: str | None = None) -> torch.Tensor:
+    """One step on a batch already on the device: forward with every loss, backward, AdamW step.
+
+    Returns the detached (len(LOSS_KEYS),) float32 losses. ``precision``: see ``raytrain.autocast``."""
+    with raytrain.autocast(batch["video"].device, precision):
+        out = net(batch["video"], batch["audio"], batch["mask_video"], batch["mask_audio"])
+    optimizer_step(optimizer, out.loss, net.parameters(), clip_grad)
+    return torch.stack([getattr(out, key).detach().float() for key in LOSS_KEYS])
 
 
 def pretrain_loop(config: dict) -> None:
@@ -64,14 +74,7 @@ def pretrain_loop(config: dict) -> None:
         for step, batch in enumerate(raytrain.batches(loader, steps)):
             set_lr(optimizer, lr_at(epoch * steps + step, total, warmup, peak, floor))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with raytrain.autocast(device):
-                out = net(batch["video"], batch["audio"], batch["mask_video"], batch["mask_audio"])
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if settings.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), settings.optim.clip_grad)
-            optimizer.step()
-            sums += torch.stack([getattr(out, key).detach().float() for key in LOSS_KEYS])
+            sums += train_step(net, batch, optimizer, settings.optim.clip_grad)
         metrics = {f"train/{k}": v / steps for k, v in zip(LOSS_KEYS, sums.tolist(), strict=True)}
         metrics.update({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                         "samples_per_s": steps * settings.batch_size * world / (time.perf_counter() - began)})
