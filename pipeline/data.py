@@ -11,6 +11,7 @@ Each Ray Train worker streams its own share of the shards with webdataset (``Cli
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from model import HiCMAEConfig, random_mask, tube_mask
 from preprocessing.fbank import fbank_to_model_input
-from preprocessing.shards import ClipSample, decode_sample, fbank_window
+from preprocessing.shards import META_FIELD, ClipSample, decode_sample, fbank_window
 
 from .augment import AugmentConfig, eval_video_transform, train_video_transform
 from .config import WindowSettings
@@ -152,11 +153,11 @@ class ClipWindows(torch.utils.data.IterableDataset):
 
         index = 0
         for raw in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
-            clip = decode_sample(raw)
-            if self.clip_ids is not None and clip.meta["clip_id"] not in self.clip_ids:
+            if self.clip_ids is not None and json.loads(raw[META_FIELD])["clip_id"] not in self.clip_ids:
                 continue
             if index % stride == offset:
-                yield from self.make_examples(clip, self.epoch)
+                # frames stay packed: the examples decode only the frames their windows use
+                yield from self.make_examples(decode_sample(raw, lazy_frames=True), self.epoch)
             index += 1
 
     def __iter__(self):

@@ -33,11 +33,52 @@ JPEG_QUALITY = 90
 FRAMES_FIELD, FBANK_FIELD, META_FIELD = "frames.jpgs", "fbank.npy", "meta.json"
 
 
+class PackedFrames:
+    """A clip's packed JPEG sequence (``frames.jpgs``), decoded frame by frame on demand.
+
+    ``len(frames)`` is the frame count (from the header, nothing decoded); ``frames[indices]`` decodes only the
+    frames named by an int or an index array, each distinct frame once, and returns (k, H, W, 3) uint8 RGB
+    equal to the same rows of the fully decoded clip. A 16-frame training window of a 200-frame clip thus
+    decodes 16 JPEGs instead of 200.
+    """
+
+    def __init__(self, blob: bytes):
+        (count,) = struct.unpack_from("<I", blob)
+        lengths = np.asarray(struct.unpack_from(f"<{count}I", blob, 4), dtype=np.int64)
+        self.blob = blob
+        self.lengths = lengths
+        self.offsets = 4 * (count + 1) + np.cumsum(lengths) - lengths     # byte offset of every JPEG
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def decode(self, index: int) -> np.ndarray:
+        """Frame ``index`` -> (H, W, 3) uint8 RGB, C-contiguous."""
+        jpeg = np.frombuffer(self.blob, np.uint8, int(self.lengths[index]), int(self.offsets[index]))
+        frame = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+        if frame is None:
+            raise ValueError(f"{FRAMES_FIELD}: frame {index} of {len(self)} is not a readable JPEG")
+        return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        indices = np.arange(len(self))[indices]  # ints, slices and index arrays, with numpy's bounds checks
+        if indices.ndim == 0:
+            return self.decode(int(indices))
+        if len(indices) == 0:
+            return np.zeros((0, 160, 160, 3), np.uint8)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        decoded = np.stack([self.decode(int(i)) for i in unique])     # (distinct, H, W, 3)
+        if len(unique) == len(indices) and (unique == indices).all():
+            return decoded                                            # ascending, no repeats: already in order
+        return decoded[inverse.reshape(-1)]
+
+
 @dataclass
 class ClipSample:
-    """One decoded clip: frames (T, 160, 160, 3) uint8 RGB, fbank (N, 128) float32, meta dict."""
+    """One decoded clip: frames (T, 160, 160, 3) uint8 RGB (or the still packed ``PackedFrames``, which index
+    the same way), fbank (N, 128) float32, meta dict."""
 
-    frames: np.ndarray
+    frames: np.ndarray | PackedFrames
     fbank: np.ndarray
     meta: dict
 
@@ -67,15 +108,7 @@ def encode_frames(frames: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
 
 def decode_frames(blob: bytes) -> np.ndarray:
     """The packed JPEG sequence -> (T, H, W, 3) uint8 RGB."""
-    (count,) = struct.unpack_from("<I", blob)
-    lengths = struct.unpack_from(f"<{count}I", blob, 4)
-    offset = 4 * (count + 1)
-    frames = []
-    for length in lengths:
-        jpeg = np.frombuffer(blob, np.uint8, length, offset)
-        frames.append(cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[:, :, ::-1])
-        offset += length
-    return np.ascontiguousarray(np.stack(frames)) if frames else np.zeros((0, 160, 160, 3), np.uint8)
+    return PackedFrames(blob)[:]
 
 
 def encode_fbank(fbank: np.ndarray) -> bytes:
@@ -91,11 +124,15 @@ def encode_sample(frames: np.ndarray, fbank: np.ndarray, meta: dict, quality: in
             META_FIELD: json.dumps(meta, sort_keys=True).encode()}
 
 
-def decode_sample(sample: dict) -> ClipSample:
-    """A raw WebDataset sample (field -> bytes, as ``webdataset.WebDataset`` yields it) -> ClipSample."""
+def decode_sample(sample: dict, lazy_frames: bool = False) -> ClipSample:
+    """A raw WebDataset sample (field -> bytes, as ``webdataset.WebDataset`` yields it) -> ClipSample.
+
+    ``lazy_frames`` leaves the frames packed (``PackedFrames``): only the frames a caller indexes get decoded.
+    """
     meta = json.loads(sample[META_FIELD])
     fbank = np.load(io.BytesIO(sample[FBANK_FIELD]), allow_pickle=False).astype(np.float32)
-    return ClipSample(frames=decode_frames(sample[FRAMES_FIELD]), fbank=fbank, meta=meta)
+    frames = PackedFrames(sample[FRAMES_FIELD])
+    return ClipSample(frames=frames if lazy_frames else frames[:], fbank=fbank, meta=meta)
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
