@@ -1,0 +1,171 @@
+"""Training data throughput: samples/s from shards to decoded, augmented, batched tensors on the device.
+
+    .venv/bin/python benchmarks/loader.py                                  # synthetic 8 s clips, 0 1 2 workers
+    .venv/bin/python benchmarks/loader.py --workers 16 --step-rate 1500    # on a 16-core GPU machine
+    .venv/bin/python benchmarks/loader.py --processed data/demo/processed  # real preprocessed shards
+
+The data path is the training loops' own: ``ClipWindows`` streaming the shards through ``make_loader``
+(``num_workers`` DataLoader workers, pinned memory on a GPU) with the pre-training example maker (random
+window, multi-scale crop, masks) and the fine-tuning one (window, RandAugment, random resized crop, flip,
+erasing), then ``.to(device)``. Each clip gives one example; every worker count reads all the clips.
+
+``decode all`` is the former path (every frame of a clip decoded before its window is cut, as
+``decode_sample`` without ``lazy_frames`` does); ``decode window`` is the current one (only the 16 frames the
+window uses). Without ``--processed`` the shards are synthetic: a face photo drifting across the frame, JPEG q90
+like preprocessing writes, random log-mel, at 25 fps, ``--seconds`` long (VoxCeleb2 clips average ~8 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import FinetuneSettings, PretrainSettings  # noqa: E402
+from pipeline.data import (  # noqa: E402
+    ClipWindows,
+    finetune_train_examples,
+    make_loader,
+    pretrain_examples,
+    shard_paths,
+)
+from preprocessing.shards import META_FIELD, ClipSample, encode_sample, write_shard  # noqa: E402
+
+FPS, FBANK_RATE, SIDE = 25, 100, 160
+EXAMPLES = ("pretrain", "finetune")
+DECODES = ("all", "window")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic shards.
+
+
+def face_frames(count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, 160, 160, 3) uint8: the astronaut's face, drifting a few pixels per frame, with sensor noise."""
+    from skimage.data import astronaut
+
+    photo = astronaut()                                                   # (512, 512, 3) RGB
+    dx, dy = rng.integers(-3, 4, size=(2, count)).cumsum(axis=1).clip(-40, 40)
+    frames = np.empty((count, SIDE, SIDE, 3), np.uint8)
+    for t in range(count):
+        top, left = 20 + 40 + dy[t], 150 + 40 + dx[t]
+        crop = photo[top:top + 200, left:left + 200]
+        frames[t] = cv2.resize(crop, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+    noise = rng.normal(0, 2, frames.shape)
+    return np.clip(frames + noise, 0, 255).astype(np.uint8)
+
+
+def build_shards(folder: Path, clips: int, seconds: float, per_shard: int = 32, seed: int = 0) -> Path:
+    """Write ``clips`` synthetic labelled clips as shards under ``folder/shards``; returns ``folder``."""
+    rng = np.random.default_rng(seed)
+    frames = face_frames(round(seconds * FPS), rng)
+    fbank = rng.normal(-5, 2, (round(seconds * FBANK_RATE), 128)).astype(np.float32)
+    encoded = encode_sample(frames, fbank, {"key": "clip"})       # every clip shares the encoded frames
+    samples = []
+    for i in range(clips):
+        meta = {"key": f"clip{i:05d}", "clip_id": f"clip{i:05d}", "label": i % 6, "fps": FPS,
+                "fbank_rate": FBANK_RATE, "num_frames": len(frames), "duration": seconds}
+        samples.append({**encoded, "__key__": meta["key"], META_FIELD: json.dumps(meta).encode()})
+    for shard, start in enumerate(range(0, clips, per_shard)):
+        write_shard(folder / "shards" / f"shard-{shard:06d}.tar", samples[start:start + per_shard])
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement.
+
+
+def decode_all_first(make_examples, clip: ClipSample, epoch: int) -> list[dict]:
+    """The former data path: every frame of the clip decoded, then the examples cut from them."""
+    return make_examples(replace(clip, frames=clip.frames[:]), epoch)
+
+
+def example_maker(kind: str, decode: str):
+    """The training loop's example function for ``kind`` (the schema's default settings)."""
+    if kind == "pretrain":
+        settings = PretrainSettings()
+        make = partial(pretrain_examples, window=settings.window, cfg=settings.model.build_config(),
+                       seed=settings.seed)
+    else:
+        settings = FinetuneSettings()
+        make = partial(finetune_train_examples, window=settings.window, augment=settings.augment,
+                       seed=settings.seed)
+    return partial(decode_all_first, make) if decode == "all" else make
+
+
+def measure(paths: list[str], kind: str, decode: str, workers: int, batch: int, device: torch.device) -> dict:
+    """Samples/s of one pass over the shards (worker start-up included), batches moved to ``device``."""
+    dataset = ClipWindows(paths, example_maker(kind, decode), shuffle_buffer=16)
+    loader = make_loader(dataset, batch, workers, drop_last=True)
+    samples, began = 0, time.perf_counter()
+    for tensors in loader:
+        tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        samples += len(tensors["video"])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - began
+    return {"examples": kind, "decode": decode, "workers": workers, "batch": batch, "samples": samples,
+            "seconds": seconds, "samples_per_s": samples / seconds}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processed", type=Path, help="a preprocessed dataset folder (default: synthetic shards)")
+    parser.add_argument("--clips", type=int, default=64, help="synthetic clips")
+    parser.add_argument("--seconds", type=float, default=8.0, help="synthetic clip length")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
+    parser.add_argument("--examples", nargs="+", choices=EXAMPLES, default=list(EXAMPLES))
+    parser.add_argument("--decode", nargs="+", choices=DECODES, default=list(DECODES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--step-rate", type=float, help="training samples/s to compare with (benchmarks/train_step)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def run(processed: Path, args: argparse.Namespace) -> dict:
+    paths = shard_paths(processed)
+    device = torch.device(args.device)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
+              "shards": len(paths), "rows": []}
+    for kind in args.examples:
+        for decode in args.decode:
+            for workers in args.workers:
+                row = measure(paths, kind, decode, workers, args.batch, device)
+                if args.step_rate:
+                    row["times_step_rate"] = row["samples_per_s"] / args.step_rate
+                print(f"  {kind:<8} decode {decode:<6} {workers:>2} workers: {row['samples_per_s']:8.1f} samples/s"
+                      + (f"  = {row['times_step_rate']:.2f}x the step rate" if args.step_rate else ""), flush=True)
+                result["rows"].append(row)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        processed = args.processed or build_shards(Path(folder), args.clips, args.seconds)
+        if not args.processed:
+            print(f"{args.clips} synthetic {args.seconds:g} s clips ({round(args.seconds * FPS)} frames each)",
+                  flush=True)
+        result = run(processed, args)
+    result["source"] = str(args.processed) if args.processed else f"synthetic {args.clips} x {args.seconds:g} s"
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,457 @@
+"""Training-step throughput of pre-training and fine-tuning: samples/s, peak memory, FLOPs per sample and MFU.
+
+    .venv/bin/python benchmarks/train_step.py                          # every size, reference batches (GPU)
+    .venv/bin/python benchmarks/train_step.py --sizes hicmae_base --best-batch --compile
+    .venv/bin/python benchmarks/train_step.py --tiny --steps 10        # a few seconds on a CPU
+    .venv/bin/python benchmarks/train_step.py --tiny --check-numerics  # bf16 vs float32 losses
+
+The step is the training loops' own ``train_step`` (pipeline/pretrain.py, pipeline/finetune.py): forward
+with every loss, backward, AdamW from ``build_optimizer`` at the peak learning rate, under
+``raytrain.autocast``. Inputs are synthetic batches with the reference's shapes (16 x 160 x 160 video, 256 x 128
+log-mel), masks (tube 0.9, random 0.8) and fine-tuning recipe (Mixup/CutMix, label smoothing, drop path 0.1,
+layer decay), made once and kept on the device, so the figures exclude the data loader (benchmarks/loader.py).
+
+samples/s is batch / median step time over ``--steps`` steps after ``--warmup`` steps, timed with CUDA events on
+a GPU (perf_counter on a CPU). FLOPs per sample are counted by ``torch.utils.flop_counter.FlopCounterMode``
+on one forward + backward on the meta device (where attention decomposes into counted matmuls; on a CPU the
+fused attention kernel is not counted) and checked against ``analytic_flops``. MFU = achieved FLOP/s /
+peak, the peak being a bf16 ``--peak-size``^3 matmul measured in the same run (float32 on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import HiCMAEClassifier, HiCMAEConfig, HiCMAEPretrain, random_mask, tube_mask  # noqa: E402
+from pipeline import finetune, pretrain  # noqa: E402
+from pipeline.config import FinetuneSettings, ModelSettings, PretrainSettings  # noqa: E402
+from pipeline.optim import build_optimizer, scaled_lrs, set_lr  # noqa: E402
+from preprocessing.manifest import DatasetInfo  # noqa: E402
+
+STAGES = ("pretrain", "finetune")
+NUM_CLASSES = 6  # CREMA-D's
+INFO = DatasetInfo(name="synthetic", task="classification", root=".", classes=[f"c{i}" for i in range(NUM_CLASSES)])
+# HiCMAE-T's structure shrunk until a step takes milliseconds on a CPU (inputs 32 x 32 x 4 frames, 64 x 32 log-mel).
+TINY = {"img_size": 32, "num_frames": 4, "audio_frames": 64, "audio_mel_bins": 32, "embed_dim": 32, "num_heads": 2,
+        "audio_embed_dim": 32, "audio_num_heads": 2, "fusion_num_heads": 2, "depth": 2, "audio_depth": 2,
+        "fusion_depth": 1, "hierarchy_layers": [0, 1], "decoder_embed_dim": 16, "decoder_num_heads": 1,
+        "decoder_depth": 3, "audio_decoder_embed_dim": 16, "audio_decoder_num_heads": 1, "audio_decoder_depth": 3}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step under test.
+
+
+def stage_settings(stage: str, size: str, overrides: dict) -> PretrainSettings | FinetuneSettings:
+    """The schema's defaults (the paper's settings) for ``stage`` with the model ``size`` and overrides."""
+    model = ModelSettings(size=size, overrides=overrides)
+    return PretrainSettings(model=model) if stage == "pretrain" else FinetuneSettings(model=model)
+
+
+def model_config(settings: PretrainSettings | FinetuneSettings) -> HiCMAEConfig:
+    """The model config as the training loop builds it (fine-tuning adds its drop path)."""
+    if isinstance(settings, FinetuneSettings):
+        return settings.model.build_config(drop_path_rate=settings.drop_path)
+    return settings.model.build_config()
+
+
+def build_model(stage: str, cfg: HiCMAEConfig) -> torch.nn.Module:
+    return HiCMAEPretrain(cfg) if stage == "pretrain" else HiCMAEClassifier(cfg, NUM_CLASSES)
+
+
+def synthetic_batch(stage: str, cfg: HiCMAEConfig, batch: int, generator: torch.Generator,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """Random normalised video (B, 3, T, S, S) and log-mel (B, 1, F, M), plus masks or labels, on ``device``."""
+    tensors = {"video": torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, generator=generator),
+               "audio": torch.randn(batch, 1, cfg.audio_frames, cfg.audio_mel_bins, generator=generator)}
+    if stage == "pretrain":
+        tensors["mask_video"] = tube_mask(batch, cfg.video_grid, cfg.mask_ratio, generator)
+        tensors["mask_audio"] = random_mask(batch, cfg.num_audio_tokens, cfg.audio_mask_ratio, generator)
+    else:
+        tensors["label"] = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+@dataclass
+class Step:
+    """One configured training step: ``run(batch)`` trains on a device batch and returns the detached losses."""
+
+    model: torch.nn.Module
+    run: Callable[[dict], torch.Tensor]
+
+
+def make_step(stage: str, settings, cfg: HiCMAEConfig, batch: int, device: torch.device, precision: str,
+              fused_adamw: bool | None, compile_mode: str | None, seed: int) -> Step:
+    """The model on ``device`` (seeded init), its optimizer at the peak lr, and the stage's ``train_step``."""
+    torch.manual_seed(seed)
+    model = build_model(stage, cfg).to(device)
+    optimizer = build_optimizer(model, settings.optim, fused=fused_adamw)
+    set_lr(optimizer, scaled_lrs(settings.optim, batch)[0])
+    net = torch.compile(model, mode=compile_mode) if compile_mode else model
+    if stage == "pretrain":
+        run = partial(pretrain.train_step, net, optimizer=optimizer, clip_grad=settings.optim.clip_grad,
+                      precision=precision)
+    else:
+        run = partial(finetune.train_step, net, optimizer=optimizer, info=INFO, settings=settings,
+                      rng=np.random.default_rng(seed), precision=precision)
+    return Step(model, run)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs.
+
+
+def counted_flops(stage: str, settings, cfg: HiCMAEConfig, batch: int) -> int:
+    """FLOPs of one forward + backward (the training step without the optimizer) counted on the meta device."""
+    with torch.device("meta"):
+        model = build_model(stage, cfg)
+        tensors = synthetic_batch(stage, cfg, batch, None, torch.device("meta"))
+    # a zero-lr SGD stands in for AdamW (optimizers do elementwise work only, which is not counted)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, foreach=False)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if stage == "pretrain":
+            pretrain.train_step(model, tensors, optimizer, settings.optim.clip_grad, precision="fp32")
+        else:
+            finetune.train_step(model, tensors, optimizer, INFO, settings, np.random.default_rng(0), precision="fp32")
+    return counter.get_total_flops()
+
+
+def _block(tokens: int, dim: int, mlp_ratio: float) -> int:
+    """Forward matmul FLOPs of a ViT block's projections (qkv, proj, mlp) over ``tokens``, attention excluded."""
+    return 2 * tokens * dim * dim * (4 + 2 * int(mlp_ratio))
+
+
+def _attention(queries: int, keys: int, dim: int) -> int:
+    """Forward FLOPs of softmax(QK^T)V: two (queries x keys x dim) matmuls."""
+    return 4 * queries * keys * dim
+
+
+def _cross(queries: int, dim: int, keys: int, context_dim: int) -> int:
+    """Forward FLOPs of cross-attention: q and proj over queries, kv over the context, the attention."""
+    return 4 * queries * dim * dim + 4 * keys * context_dim * dim + _attention(queries, keys, dim)
+
+
+def _encoder(tokens: int, depth: int, dim: int, mlp_ratio: float) -> int:
+    return depth * (_block(tokens, dim, mlp_ratio) + _attention(tokens, tokens, dim))
+
+
+def _fusion(cfg: HiCMAEConfig, video: int, audio: int) -> int:
+    cv, ca, r = cfg.embed_dim, cfg.audio_embed_dim, cfg.mlp_ratio
+    layer = (_cross(video, cv, audio, ca) + _block(video, cv, r) + _attention(video, video, cv)
+             + _cross(audio, ca, video, cv) + _block(audio, ca, r) + _attention(audio, audio, ca))
+    return cfg.fusion_depth * layer
+
+
+def _decoder(cfg: HiCMAEConfig, tokens: int, visible: int, masked: int, enc_dim: int, dim: int, depth: int,
+             out_dim: int) -> int:
+    """Encoder-to-decoder projections (fused output + every level), the blocks (block i >= 1 cross-attends to
+    a skip of ``visible`` tokens) and the head over the masked tokens."""
+    levels = len(cfg.hierarchy_layers)
+    flops = 2 * visible * enc_dim * dim * (1 + levels)
+    flops += depth * (_block(tokens, dim, cfg.mlp_ratio) + _attention(tokens, tokens, dim))
+    if cfg.decoder_skip_connections:
+        flops += (depth - 1) * _cross(tokens, dim, visible, dim)
+    return flops + 2 * masked * dim * out_dim
+
+
+def analytic_flops(stage: str, cfg: HiCMAEConfig, batch: int) -> int:
+    """Matmul FLOPs of one forward + backward for ``batch`` samples, counted by hand.
+
+    Backward costs twice the forward (input and weight gradients), except the patch embeddings, whose input
+    needs no gradient (weight gradient only: once the forward). Elementwise work (norms, softmax, GELU, losses,
+    AdamW) is not counted.
+    """
+    n_v, n_a = cfg.num_video_tokens, cfg.num_audio_tokens
+    cv, ca = cfg.embed_dim, cfg.audio_embed_dim
+    embed = 2 * n_v * cfg.video_patch_dim * cv + 2 * n_a * cfg.audio_patch_dim * ca
+    if stage == "pretrain":
+        vis_v, vis_a = n_v - cfg.num_video_masked, n_a - cfg.num_audio_masked
+        body = (_encoder(vis_v, cfg.depth, cv, cfg.mlp_ratio) + _encoder(vis_a, cfg.audio_depth, ca, cfg.mlp_ratio)
+                + _fusion(cfg, vis_v, vis_a)
+                + _decoder(cfg, n_v, vis_v, cfg.num_video_masked, cv, cfg.decoder_embed_dim, cfg.decoder_depth,
+                           cfg.video_patch_dim)
+                + _decoder(cfg, n_a, vis_a, cfg.num_audio_masked, ca, cfg.audio_decoder_embed_dim,
+                           cfg.audio_decoder_depth, cfg.audio_patch_dim))
+        per_batch = 2 * batch * batch * cv * len(cfg.hierarchy_layers)  # contrastive similarity matrices
+        return batch * (2 * embed + 3 * body) + 3 * per_batch
+    body = (_encoder(n_v, cfg.depth, cv, cfg.mlp_ratio) + _encoder(n_a, cfg.audio_depth, ca, cfg.mlp_ratio)
+            + _fusion(cfg, n_v, n_a)
+            + 2 * (cfg.depth * cv + cfg.audio_depth * ca)            # softmax(w)-weighted mean of the layers
+            + 2 * 2 * (cv + ca) * NUM_CLASSES)                       # head
+    return batch * (2 * embed + 3 * body)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing.
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Step, batches: list[dict], warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` steps after ``warmup`` steps, cycling through ``batches``."""
+    for i in range(warmup):
+        step.run(batches[i % len(batches)])
+    synchronize(device)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            step.run(batches[i % len(batches)])
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1000 for start, end in events]
+    times = []
+    for i in range(steps):
+        began = time.perf_counter()
+        step.run(batches[i % len(batches)])
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def matmul_peak(device: torch.device, size: int, repeats: int = 10) -> float:
+    """FLOP/s of a size^3 matmul (bf16 on a GPU, float32 on a CPU), median of ``repeats``."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            began = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - began)
+    return 2 * size**3 / statistics.median(times)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory since the last reset: allocated GPU memory, or the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cases.
+
+
+@dataclass
+class Options:
+    device: torch.device
+    precision: str
+    fused_adamw: bool | None
+    compile_mode: str | None
+    warmup: int
+    steps: int
+    seed: int
+
+
+def measure(stage: str, size: str, overrides: dict, batch: int, opts: Options, peak: float) -> dict:
+    """One (stage, size, batch) case -> a result row; raises torch.OutOfMemoryError when it does not fit."""
+    settings = stage_settings(stage, size, overrides)
+    cfg = model_config(settings)
+    release(opts.device)
+    generator = torch.Generator().manual_seed(opts.seed)
+    batches = [synthetic_batch(stage, cfg, batch, generator, opts.device) for _ in range(2)]
+    step = make_step(stage, settings, cfg, batch, opts.device, opts.precision, opts.fused_adamw,
+                     opts.compile_mode, opts.seed)
+    try:
+        times = time_steps(step, batches, opts.warmup, opts.steps, opts.device)
+        memory = peak_memory_gb(opts.device)
+    finally:
+        del step, batches
+        release(opts.device)
+    median = statistics.median(times)
+    flops = counted_flops(stage, settings, cfg, batch) / batch
+    return {"stage": stage, "size": size, "batch": batch, "precision": opts.precision,
+            "compile": opts.compile_mode or "off", "fused_adamw": opts.fused_adamw,
+            "samples_per_s": batch / median, "step_ms": 1000 * median,
+            "step_ms_p10_p90": [1000 * float(np.percentile(times, q)) for q in (10, 90)],
+            "peak_memory_gb": memory, "gflop_per_sample": flops / 1e9,
+            "analytic_gflop_per_sample": analytic_flops(stage, cfg, batch) / batch / 1e9,
+            "tflops": flops * batch / median / 1e12, "mfu": flops * batch / median / peak}
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def best_batch(stage: str, size: str, overrides: dict, start: int, max_batch: int, opts: Options,
+               peak: float) -> list[dict]:
+    """Rows for batch start, 2 start, 4 start, ... up to ``max_batch``, until memory runs out or throughput
+    stops growing (below the best so far)."""
+    rows, batch = [], start
+    while batch <= max_batch:
+        try:
+            row = measure(stage, size, overrides, batch, opts, peak)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            release(opts.device)
+            print(f"  {stage} {size} batch {batch}: out of memory", flush=True)
+            break
+        print_row(row)
+        rows.append(row)
+        if row["samples_per_s"] < max(r["samples_per_s"] for r in rows):
+            break
+        batch *= 2
+    if rows:
+        max(rows, key=lambda r: r["samples_per_s"])["best_batch"] = True
+    return rows
+
+
+def print_row(row: dict) -> None:
+    print(f"  {row['stage']:<8} {row['size']:<13} batch {row['batch']:>4}  {row['samples_per_s']:9.1f} samples/s  "
+          f"step {row['step_ms']:8.1f} ms  mem {row['peak_memory_gb']:6.2f} GB  "
+          f"{row['gflop_per_sample']:7.2f} GFLOP/sample  {row['tflops']:7.2f} TFLOP/s  MFU {100 * row['mfu']:5.1f} %",
+          flush=True)
+
+
+def loss_curve(stage: str, size: str, overrides: dict, batch: int, steps: int, precision: str,
+               device: torch.device, seed: int) -> list[float]:
+    """Training losses of ``steps`` steps from a fixed seed, init and data, in ``precision``."""
+    settings = stage_settings(stage, size, overrides)
+    cfg = model_config(settings)
+    generator = torch.Generator().manual_seed(seed)
+    step = make_step(stage, settings, cfg, batch, device, precision, None, None, seed)
+    torch.manual_seed(seed)  # drop path draws the same way in both runs
+    losses = []
+    for _ in range(steps):
+        loss = step.run(synthetic_batch(stage, cfg, batch, generator, device))
+        losses.append(float(loss.reshape(-1)[0]))
+    return losses
+
+
+def check_numerics(stage: str, size: str, overrides: dict, batch: int, steps: int, device: torch.device,
+                   seed: int) -> dict:
+    """bf16 against float32 losses over the first ``steps`` steps: the largest relative difference."""
+    fp32 = loss_curve(stage, size, overrides, batch, steps, "fp32", device, seed)
+    bf16 = loss_curve(stage, size, overrides, batch, steps, "bf16", device, seed)
+    relative = [abs(b - f) / abs(f) for b, f in zip(bf16, fp32, strict=True)]
+    return {"stage": stage, "size": size, "batch": batch, "steps": steps, "loss_fp32": fp32, "loss_bf16": bf16,
+            "max_relative_difference": max(relative)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["depth=2", "hierarchy_layers=[0, 1]"]`` -> model field overrides (values parsed as YAML)."""
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        key, text = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(text)
+    return overrides
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["hicmae_tiny", "hicmae_small", "hicmae_base"])
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--tiny", action="store_true", help="shrink every model and input (for CPUs and tests)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="HiCMAEConfig overrides")
+    parser.add_argument("--pretrain-batch", type=int, default=PretrainSettings().batch_size)
+    parser.add_argument("--finetune-batch", type=int, default=FinetuneSettings().batch_size)
+    parser.add_argument("--best-batch", action="store_true",
+                        help="also double the batch until memory runs out or throughput stops growing")
+    parser.add_argument("--max-batch", type=int, default=1024 if cuda else 64)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32",
+                        help="autocast precision (default: as the training loops, bf16 on a GPU, fp32 on a CPU)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="torch.compile the model (MODE: default, reduce-overhead = CUDA graphs, max-autotune)")
+    parser.add_argument("--fused-adamw", choices=("auto", "on", "off"), default="auto",
+                        help="auto: fused on GPU, as the training loops")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--peak-size", type=int, default=8192 if cuda else 1024, help="matmul side for the peak")
+    parser.add_argument("--check-numerics", action="store_true",
+                        help="instead of timing: bf16 vs float32 losses of the first --numerics-steps steps")
+    parser.add_argument("--numerics-steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    overrides = {**(TINY if args.tiny else {}), **parse_overrides(args.set)}
+    batches = {"pretrain": args.pretrain_batch, "finetune": args.finetune_batch}
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+              or platform.machine(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["benchmarks/train_step.py", *(argv or [])]),
+              "overrides": overrides}
+    if args.check_numerics:
+        result["numerics"] = []
+        for size in args.sizes:
+            for stage in args.stages:
+                row = check_numerics(stage, size, overrides, batches[stage], args.numerics_steps, device, args.seed)
+                print(f"  {stage:<8} {size:<13} batch {row['batch']}: {row['steps']} steps, bf16 vs float32 loss: "
+                      f"max relative difference {100 * row['max_relative_difference']:.3f} %", flush=True)
+                result["numerics"].append(row)
+    else:
+        opts = Options(device, args.dtype, {"auto": None, "on": True, "off": False}[args.fused_adamw],
+                       args.compile, args.warmup, args.steps, args.seed)
+        peak = matmul_peak(device, args.peak_size)
+        result["peak_tflops"] = peak / 1e12
+        result["peak_dtype"] = "bf16" if device.type == "cuda" else "float32"
+        print(f"{result['device']}: {result['peak_dtype']} {args.peak_size}^3 matmul {peak / 1e12:.2f} TFLOP/s",
+              flush=True)
+        result["rows"] = []
+        for size in args.sizes:
+            for stage in args.stages:
+                if args.best_batch:
+                    result["rows"] += best_batch(stage, size, overrides, batches[stage], args.max_batch, opts, peak)
+                else:
+                    row = measure(stage, size, overrides, batches[stage], opts, peak)
+                    print_row(row)
+                    result["rows"].append(row)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
