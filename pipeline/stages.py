@@ -60,7 +60,8 @@ def stage_manifest(dataset: str, params: Params) -> Path:
 def stage_preprocess(dataset: str, params: Params) -> dict:
     out = data_dir(dataset) / "processed"
     with tracking.start_stage_run("preprocess", params.preprocess, experiment=params.experiment,
-                                  run_name=f"preprocess-{dataset}", tags={"dataset": dataset}):
+                                  run_name=f"preprocess-{dataset}",
+                                  tags={"dataset": dataset, "variant": params.variant}):
         summary = preprocess(data_dir(dataset) / "manifest.jsonl", out, params.preprocess)
         tracking.log_metrics({k: v for k, v in summary.items() if k != "failed"})
         mlflow.log_artifact(str(out / "summary.json"))
@@ -74,7 +75,7 @@ def stage_pretrain(params: Params) -> dict:
     processed = data_dir(dataset) / "processed"
     with tracking.start_stage_run("pretrain", params.pretrain, experiment=params.experiment,
                                   run_name=f"pretrain-{dataset}", data_hash=tracking.hash_directory(processed),
-                                  tags={"dataset": dataset}) as run:
+                                  tags={"dataset": dataset, "variant": params.variant}) as run:
         logger = tracking.RunLogger(mlflow.get_tracking_uri(), run.info.run_id)
         metrics = run_pretrain(params, processed, runs_dir("pretrain"), tracker=logger,
                                storage=work_root() / "ray_results")
@@ -91,7 +92,8 @@ def stage_finetune(dataset: str, params: Params) -> dict:
     info, _ = read_manifest(manifest)
     with tracking.start_stage_run("finetune", settings, experiment=params.experiment, run_name=f"finetune-{dataset}",
                                   data_hash=tracking.hash_directory(processed),
-                                  tags={"dataset": dataset, "protocol": settings.protocol}) as parent:
+                                  tags={"dataset": dataset, "protocol": settings.protocol,
+                                        "variant": params.variant}) as parent:
         fold_runs: dict[int, tracking.RunLogger] = {}
 
         def fold_logger(fold: int) -> tracking.RunLogger:
@@ -135,7 +137,8 @@ def stage_report(params: Params) -> str:
     """reports/: the results table next to the published figures, and every dataset's plots (pipeline/report.py),
     all logged to the report run."""
     out = work_root() / "reports"
-    with tracking.start_stage_run("report", params, experiment=params.experiment, run_name="report"):
+    with tracking.start_stage_run("report", params, experiment=params.experiment, run_name="report",
+                                  tags={"variant": params.variant}):
         report = write_report(params.datasets, runs_dir(), out)
         for name in ("results.md", "results.json"):
             mlflow.log_artifact(str(out / name))

@@ -7,6 +7,10 @@
 Where runs go: ``MLFLOW_TRACKING_URI`` when set (a shared ``mlflow server`` on a cluster), otherwise the SQLite
 file ``<project>/mlflow.db``. With a local store, artifacts of experiment ``<name>`` go to
 ``<project>/mlartifacts/<name>/<run id>/artifacts`` whatever the working directory; a server decides for itself.
+Under DVC the project is ``$DVC_ROOT``, also for experiments that run in a temporary copy (``--temp``, queued).
+
+Every stage run is tagged so that variants compare side by side in one MLflow experiment: ``variant`` (given by
+the stage), and under ``dvc exp run`` the experiment's name, its baseline commit and the params it changed.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import mlflow
 import numpy as np
 import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from .metrics import is_scalar
 
@@ -91,6 +95,43 @@ def git_commit(project_root: str | Path = PROJECT_ROOT) -> str:
     return result.stdout.strip() or "unknown"
 
 
+def store_root(project_root: str | Path = PROJECT_ROOT) -> Path:
+    """The project whose local MLflow store a run uses: ``$DVC_ROOT`` when DVC runs the stage, else ``project_root``.
+
+    Experiments run with ``dvc exp run --temp`` or from the queue execute in a copy under ``.dvc/tmp/exps`` that
+    is deleted afterwards; DVC points ``DVC_ROOT`` at the project itself.
+    """
+    return Path(os.environ.get("DVC_ROOT") or project_root)
+
+
+def changed_params(project_root: str | Path, rev: str) -> str:
+    """``params.yaml`` against its version at git ``rev``: the changed values as "key=value, ..." ("" if none).
+
+    Keys are dotted paths of the resolved YAML (merge keys applied); ``anchors`` is left out (read only through
+    the sections that use it). "unknown" when git cannot show the file at ``rev``.
+    """
+    try:
+        old_text = subprocess.run(["git", "show", f"{rev}:./params.yaml"], cwd=project_root, capture_output=True,
+                                  text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    old = flatten(yaml.safe_load(old_text) or {})
+    new = flatten(yaml.safe_load((Path(project_root) / "params.yaml").read_text()) or {})
+    changed = [f"{key}={new.get(key)}" for key in sorted(old.keys() | new.keys())
+               if not key.startswith("anchors.") and old.get(key) != new.get(key)]
+    return ", ".join(changed)[:MAX_TAG_VAL_LENGTH]
+
+
+def experiment_tags(project_root: str | Path = PROJECT_ROOT) -> dict[str, str]:
+    """Under ``dvc exp run`` (which sets ``DVC_EXP_NAME`` and ``DVC_EXP_BASELINE_REV``): ``dvc_exp_name``,
+    ``dvc_exp_baseline`` (the commit the experiment starts from) and ``params_changed`` against it; else {}."""
+    name, baseline = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
+    if not (name and baseline):
+        return {}
+    return {"dvc_exp_name": name, "dvc_exp_baseline": baseline,
+            "params_changed": changed_params(project_root, baseline)}
+
+
 def hash_directory(path: str | Path) -> str:
     """SHA-256 over the relative path, size and bytes of every file under ``path`` (or of one file), sorted.
 
@@ -148,12 +189,13 @@ def start_stage_run(stage: str, config, experiment: str, run_name: str | None = 
     The run is nested under ``parent_run_id`` when given (e.g. a fold run under the stage run started by the
     driver), else under the run active in this process, if any. It logs ``config`` as dotted params and as the
     artifact ``config.yaml``, and tags ``dvc_stage``, ``git_commit`` (also ``mlflow.source.git.commit``),
-    ``data_hash`` when given (see ``hash_directory``) and ``tags``.
+    ``data_hash`` when given (see ``hash_directory``), the ``experiment_tags`` and ``tags``.
     """
-    mlflow.set_tracking_uri(tracking_uri(project_root))
-    experiment_id = ensure_experiment(experiment, project_root)
+    mlflow.set_tracking_uri(tracking_uri(store_root(project_root)))
+    experiment_id = ensure_experiment(experiment, store_root(project_root))
     commit = git_commit(project_root)
-    run_tags = {"dvc_stage": stage, "git_commit": commit, "mlflow.source.git.commit": commit}
+    run_tags = {"dvc_stage": stage, "git_commit": commit, "mlflow.source.git.commit": commit,
+                **experiment_tags(project_root)}
     if data_hash is not None:
         run_tags["data_hash"] = data_hash
     run_tags.update({key: str(value) for key, value in (tags or {}).items()})
@@ -230,8 +272,12 @@ class RunLogger:
 
 
 def start_child_run(parent, run_name: str, tags: Mapping[str, str]) -> RunLogger:
-    """A run nested under ``parent`` (an active mlflow Run) that other processes log into by id."""
+    """A run nested under ``parent`` (an active mlflow Run) that other processes log into by id.
+
+    It carries the parent's own tags (``variant``, the experiment's, ...), then ``tags``.
+    """
     uri = mlflow.get_tracking_uri()
+    inherited = {key: value for key, value in parent.data.tags.items() if not key.startswith("mlflow.")}
     run = mlflow.MlflowClient(uri).create_run(parent.info.experiment_id, run_name=run_name,
-                                              tags={"mlflow.parentRunId": parent.info.run_id, **tags})
+                                              tags={**inherited, "mlflow.parentRunId": parent.info.run_id, **tags})
     return RunLogger(uri, run.info.run_id)
