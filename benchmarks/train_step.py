@@ -410,12 +410,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--numerics-steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     overrides = {**(TINY if args.tiny else {}), **parse_overrides(args.set)}
     batches = {"pretrain": args.pretrain_batch, "finetune": args.finetune_batch}

@@ -120,7 +120,7 @@ def test_loader_benchmark_reports_both_paths(loader, tmp_path):
         (kind, decode, workers) for kind in ("pretrain", "finetune") for decode in ("all", "window")
         for workers in (0, 1)}
     for row in rows:
-        assert row["samples"] == 4 and row["samples_per_s"] > 0
+        assert row["samples"] == 4 and row["samples_per_s"] > 0 and row["samples_per_cpu_s"] > 0
         assert row["times_step_rate"] == pytest.approx(row["samples_per_s"] / 10)
 
 
