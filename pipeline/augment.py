@@ -18,8 +18,8 @@ and label smoothing 0.1. The reference mixes only the video while it mixes the l
 mixes the audio (same lambda for Mixup; for CutMix a contiguous time span of the partner's log-mel, covering the
 same fraction of time as the video box covers of the frame).
 
-All randomness comes from the ``np.random.Generator`` passed in, so a seed reproduces a clip exactly. Data-loader
-workers should call ``cv2.setNumThreads(1)`` so OpenCV does not start threads of its own in every worker.
+All randomness comes from the ``np.random.Generator`` passed in, so a seed reproduces a clip exactly. Do not call
+``cv2.setNumThreads`` inside forked data-loader workers: after a fork, resizing OpenCV's thread pool can hang.
 The reference's waveform ``roll_mag_aug`` is deliberately not reproduced.
 """
 
