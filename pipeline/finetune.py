@@ -159,7 +159,8 @@ def finetune_loop(config: dict) -> None:
 
     net = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(raytrain.unwrap(net), settings.optim)
-    restored = raytrain.restore(raytrain.unwrap(net), optimizer)
+    tracker = config.get("tracker") if rank == 0 else None
+    restored = raytrain.restore(raytrain.unwrap(net), optimizer, tracker)
     start_epoch = restored["epoch"] + 1 if restored else 0
     best = restored["best"] if restored else {"score": -np.inf, "epoch": -1, "model": None}
     history = restored.get("history", []) if restored else []  # rank 0's per-epoch metrics
@@ -180,10 +181,9 @@ def finetune_loop(config: dict) -> None:
     peak, floor = scaled_lrs(settings.optim, settings.batch_size * world)
     total, warmup = settings.epochs * steps, int(settings.optim.warmup_epochs * steps)
     selection = selection_metric(info.task, settings.protocol)
-    tracker = config.get("tracker") if rank == 0 else None
-    rng = np.random.default_rng([settings.seed, rank])
 
     for epoch in range(start_epoch, settings.epochs):
+        rng = raytrain.seed_epoch(settings.seed, rank, epoch)
         net.train()
         train_set.set_epoch(epoch)
         began, loss_sum = time.perf_counter(), torch.zeros((), device=device)  # no host sync per step

@@ -53,7 +53,8 @@ def pretrain_loop(config: dict) -> None:
 
     net = ray.train.torch.prepare_model(HiCMAEPretrain(cfg))
     optimizer = build_optimizer(raytrain.unwrap(net), settings.optim)
-    restored = raytrain.restore(raytrain.unwrap(net), optimizer)
+    tracker = config.get("tracker") if rank == 0 else None
+    restored = raytrain.restore(raytrain.unwrap(net), optimizer, tracker)
     start_epoch = restored["epoch"] + 1 if restored else 0
     history = restored.get("history", []) if restored else []  # per-epoch metrics, kept in the checkpoints
 
@@ -64,9 +65,9 @@ def pretrain_loop(config: dict) -> None:
     steps = max(config["num_clips"] // (settings.batch_size * world), 1)
     peak, floor = scaled_lrs(settings.optim, settings.batch_size * world)
     total, warmup = settings.epochs * steps, int(settings.optim.warmup_epochs * steps)
-    tracker = config.get("tracker") if rank == 0 else None
 
     for epoch in range(start_epoch, settings.epochs):
+        raytrain.seed_epoch(settings.seed, rank, epoch)
         net.train()
         dataset.set_epoch(epoch)
         sums = torch.zeros(len(LOSS_KEYS), device=device)  # summed on the device: no host sync per step

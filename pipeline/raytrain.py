@@ -1,8 +1,9 @@
 """Ray Train glue shared by pre-training and fine-tuning: starting Ray, the trainer, checkpoints, the step loop.
 
 Local by default (Ray on loopback, using this machine's cores); on a cluster when ``RAY_ADDRESS`` is set.
-Checkpoints go through ``ray.train.report`` and a restarted worker group resumes from
-``ray.train.get_checkpoint()``; ``FailureConfig(max_failures)`` restarts it after a worker dies.
+Checkpoints go through ``ray.train.report``; when a worker dies, ``FailureConfig(max_failures)`` restarts the
+whole worker group (Ray Train v2, the default in Ray 2.60) and the loops resume from ``ray.train.get_checkpoint()``:
+model, optimizer, epoch and the loop's own state from the checkpoint, the random draws from ``seed_epoch``.
 """
 
 from __future__ import annotations
@@ -92,18 +93,23 @@ def batches(loader, count: int) -> Iterator[dict]:
             raise RuntimeError("the data loader produced no batch: too few clips for this batch size and rank")
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def seed_epoch(seed: int, rank: int, epoch: int) -> np.random.Generator:
+    """Seed Python, NumPy and torch for one epoch of one rank; returns a generator for the loop's own draws.
+
+    Every epoch's random draws (dropout, drop path, mixup) derive from (seed, rank, epoch) alone, so a run
+    resumed from a checkpoint draws exactly what the uninterrupted run would have, on every rank.
+    """
+    sequence = np.random.SeedSequence([seed, rank, epoch])
+    seed_everything(int(sequence.generate_state(1, np.uint64)[0]))
+    return np.random.default_rng(sequence)
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tracker=None) -> dict | None:
+    """Load the latest Ray Train checkpoint into model and optimizer; returns its state dict or None.
 
-
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Load the latest Ray Train checkpoint into model and optimizer; returns its state dict or None."""
+    After a restart, says so in the log and, given the run's ``tracker``, logs the metric
+    ``resumed_from_epoch`` (the checkpoint's epoch, at that step) into the same MLflow run.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -113,7 +119,9 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | 
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    print(f"resumed from the checkpoint of epoch {state['epoch']} (rank {ray.train.get_context().get_world_rank()})")
+    if tracker:
+        tracker.log_epoch({"resumed_from_epoch": state["epoch"]}, state["epoch"])
     return state
 
 
@@ -125,7 +133,7 @@ def report(metrics: dict, state: dict | None, extra_files: dict[str, bytes] | No
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        torch.save({**state, "rng": rng_state()}, Path(folder) / CHECKPOINT_FILE)
+        torch.save(state, Path(folder) / CHECKPOINT_FILE)
         for name, payload in (extra_files or {}).items():
             (Path(folder) / name).write_bytes(payload)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
