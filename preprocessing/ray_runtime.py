@@ -14,6 +14,7 @@ def start_ray(log_to_driver: bool = False) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=log_to_driver, configure_logging=False)
+        # The dashboard (on loopback) serves the state API that Ray Train polls to watch its controller.
+        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=log_to_driver, configure_logging=False)
     return True
