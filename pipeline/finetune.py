@@ -231,16 +231,14 @@ def test_files(net, best: dict, loader, device: torch.device, info: DatasetInfo)
 
 def run_finetune(params: Params, settings: FinetuneSettings, manifest: str | Path, processed_dir: str | Path,
                  out_dir: str | Path, init: str | None, tracker_for_fold=None, loader_workers: int = 1,
-                 storage: str | Path | None = None) -> dict:
+                 storage: str | Path | None = None, data_hash: str | None = None) -> dict:
     """Fine-tune every configured fold; writes ``<out>/fold-k/`` files and the fold's best model exported to
-    ``<out>/fold-k/model/`` (``pipeline.export``); returns the fold mean/std summary."""
-    from .tracking import hash_directory  # MLflow stays out of the training workers' imports
-
+    ``<out>/fold-k/model/`` (``pipeline.export``), its card recording ``data_hash`` (``tracking.hash_directory`` of
+    the shards); returns the fold mean/std summary."""
     info, clips = read_manifest(manifest)
     out_dir = Path(out_dir)
     folds = settings.folds or list(range(1, info.num_folds + 1))
     per_fold = {}
-    data_hash = hash_directory(processed_dir)  # recorded in every exported model card
     for fold in folds:
         config = {"settings": settings.model_dump(mode="json"), "info": info.model_dump(mode="json"),
                   "shards": shard_paths(processed_dir), "split": fold_splits(clips, fold, settings),

@@ -90,8 +90,9 @@ def stage_finetune(dataset: str, params: Params) -> dict:
     out = runs_dir(dataset, "finetune")
     init = {"pretrain": str(runs_dir("pretrain", "checkpoint.pt")), "none": None}.get(settings.init, settings.init)
     info, _ = read_manifest(manifest)
+    data_hash = tracking.hash_directory(processed)  # once: the run's tag and every exported model card
     with tracking.start_stage_run("finetune", settings, experiment=params.experiment, run_name=f"finetune-{dataset}",
-                                  data_hash=tracking.hash_directory(processed),
+                                  data_hash=data_hash,
                                   tags={"dataset": dataset, "protocol": settings.protocol,
                                         "variant": params.variant}) as parent:
         fold_runs: dict[int, tracking.RunLogger] = {}
@@ -103,7 +104,7 @@ def stage_finetune(dataset: str, params: Params) -> dict:
 
         try:
             summary = run_finetune(params, settings, manifest, processed, out, init, tracker_for_fold=fold_logger,
-                                   storage=work_root() / "ray_results")
+                                   storage=work_root() / "ray_results", data_hash=data_hash)
         except BaseException:
             for run in fold_runs.values():
                 run.finish(status="FAILED")

@@ -83,6 +83,9 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server
     parent = by_name["finetune-demo"]
     tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
     assert tags["dvc_stage"] == "finetune" and len(tags["git_commit"]) >= 7 and tags["data_hash"]
+    for fold in (1, 2):  # every exported model names the data it was trained on, as the run does
+        card = json.loads((workdir / f"runs/demo/finetune/fold-{fold}/model/model_card.json").read_text())
+        assert card["data_hash"] == tags["data_hash"]
     assert {m["key"] for m in parent["data"]["metrics"]} >= {"test/war_mean", "test/uar_std"}
     params_logged = {p["key"]: p["value"] for p in parent["data"]["params"]}
     assert params_logged["epochs"] == "2" and params_logged["protocol"] == "clean"
