@@ -14,7 +14,6 @@ The fine-tuning stage exports every fold's best-epoch weights to ``runs/<dataset
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import HiCMAEClassifier, HiCMAEConfig
+from preprocessing.face_model import sha256_of
 from preprocessing.manifest import DatasetInfo, write_json
 from preprocessing.settings import PreprocessSettings
 
@@ -44,11 +44,6 @@ def config_from_dict(config: dict | HiCMAEConfig) -> HiCMAEConfig:
 def output_names(card: dict) -> list[str]:
     """The model's outputs in order: class names (classification) or target names (regression)."""
     return card["classes"] if card["task"] == "classification" else card["targets"]
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def export_model(state_dict: dict[str, torch.Tensor], config: dict | HiCMAEConfig, info: DatasetInfo,
@@ -80,7 +75,7 @@ def export_model(state_dict: dict[str, torch.Tensor], config: dict | HiCMAEConfi
              "window": (window or WindowSettings()).model_dump(),
              "preprocess": (preprocess or PreprocessSettings()).output_fingerprint(),
              "metrics": metrics, "data_hash": data_hash, "source": source, "git_commit": git_commit(),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights_sha256": _sha256(weights)}
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights_sha256": sha256_of(weights)}
     write_json(out_dir / CARD_FILE, card)
     (out_dir / README_FILE).write_text(model_card_markdown(card, out_dir))
     return out_dir
@@ -120,7 +115,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     card = json.loads(card_path.read_text())
     if card.get("format") != FORMAT:
         raise ValueError(f"{card_path}: not a model card of this pipeline (format {card.get('format')!r})")
-    if card.get("weights_sha256") and _sha256(weights) != card["weights_sha256"]:
+    if card.get("weights_sha256") and sha256_of(weights) != card["weights_sha256"]:
         raise ValueError(f"{weights}: does not match {card_path.name} (sha256 differs); a card of another model?")
     try:
         state = load_file(str(weights))

@@ -38,6 +38,7 @@ from preprocessing.decode import MediaError, open_media
 from preprocessing.face import X0, X1, Y0, Y1, FaceDetector
 from preprocessing.face_model import ensure_face_model
 from preprocessing.fbank import FRAMES_PER_SECOND
+from preprocessing.manifest import atomic_write_text
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample, encode_sample
 
@@ -238,17 +239,10 @@ def predict(video: str | Path, model: str | Path, out: str | Path | None = None,
         "timings": {stage: round(seconds, 3) for stage, seconds in timings.items()},
     }
     if out is not None:
-        _write_text(Path(out), json.dumps(result, indent=1) + "\n")
+        atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
     if preview is not None:
         save_preview(preview, media, result)
     return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def label_text(output: dict) -> str:

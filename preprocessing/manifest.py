@@ -76,7 +76,7 @@ def info_path(manifest_path: str | os.PathLike) -> Path:
     return path.with_name(path.name.removesuffix(".jsonl") + ".info.json")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -108,8 +108,8 @@ def write_manifest(path: str | os.PathLike, info: DatasetInfo, clips: Sequence[C
     path = Path(path)
     validate_clips(info, clips)
     lines = [clip.model_dump_json(exclude_none=True) for clip in clips]
-    _atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
-    _atomic_write_text(info_path(path), info.model_dump_json(indent=2) + "\n")
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    atomic_write_text(info_path(path), info.model_dump_json(indent=2) + "\n")
     return path
 
 
@@ -167,4 +167,4 @@ def split_for_fold(
 
 def write_json(path: str | os.PathLike, payload: object) -> None:
     """Atomically write pretty JSON (shared helper for summaries and metrics files)."""
-    _atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
