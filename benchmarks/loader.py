@@ -40,9 +40,8 @@ from pipeline.data import (  # noqa: E402
     finetune_train_examples,
     make_loader,
     pretrain_examples,
-    shard_paths,
 )
-from preprocessing.shards import META_FIELD, ClipSample, encode_sample, write_shard  # noqa: E402
+from preprocessing.shards import META_FIELD, ClipSample, encode_sample, list_shards, write_shard  # noqa: E402
 
 FPS, FBANK_RATE, SIDE = 25, 100, 160
 EXAMPLES = ("pretrain", "finetune")
@@ -145,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(processed: Path, args: argparse.Namespace) -> dict:
-    paths = shard_paths(processed)
+    paths = list_shards(processed)
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),

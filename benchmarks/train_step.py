@@ -7,7 +7,7 @@
 
 The step is the training loops' own ``train_step`` (pipeline/pretrain.py, pipeline/finetune.py): forward
 with every loss, backward, AdamW from ``build_optimizer`` at the peak learning rate, under
-``raytrain.autocast``. Inputs are synthetic batches with the reference's shapes (16 x 160 x 160 video, 256 x 128
+``training.autocast``. Inputs are synthetic batches with the reference's shapes (16 x 160 x 160 video, 256 x 128
 log-mel), masks (tube 0.9, random 0.8) and fine-tuning recipe (Mixup/CutMix, label smoothing, drop path 0.1,
 layer decay), made once and kept on the device, so the figures exclude the data loader (benchmarks/loader.py).
 

@@ -10,16 +10,30 @@
     hicmae ablations [--run | --queue] [NAME ...]   (conf/ablations.yaml as DVC experiments)
 
 Every command reads ``params.yaml`` (``--params`` for another file) and applies ``--set key=value`` overrides.
+A bad parameter, an unknown dataset or a missing input is one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
+from preprocessing.errors import InputError
+
 from .config import PROJECT_ROOT, load_params
+
+# Each stage command's module and function. A command imports only its own module, when it runs, so the code a
+# DVC stage runs (what it must depend on) is that module's import closure: tests/test_wiring.py checks dvc.yaml.
+STAGE_COMMANDS = {
+    "manifest": ("pipeline.prepare", "stage_manifest"),
+    "preprocess": ("pipeline.prepare", "stage_preprocess"),
+    "pretrain": ("pipeline.pretrain", "stage_pretrain"),
+    "finetune": ("pipeline.folds", "stage_finetune"),
+    "report": ("pipeline.report", "stage_report"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,38 +73,53 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "predict":
-        return _predict(args)
-    if args.command == "ablations":
-        from . import ablations
+    try:
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "ablations":
+            return _ablations(args)
+        params = load_params(args.params, args.overrides)
+        if args.command == "export":
+            return _export(args, params)
+        return _stage(args, params)
+    except InputError as err:
+        print(f"hicmae: error: {err}", file=sys.stderr)
+        return 1
 
-        chosen = ablations.select(args.names)
-        if args.run or args.queue:
-            ablations.launch(chosen, queue=args.queue)
-        else:
-            print(ablations.describe(chosen))
-        return 0
-    from . import stages  # heavy imports (Ray, MLflow) only once the arguments are valid
 
-    params = load_params(args.params, args.overrides)
-    if args.command == "manifest":
-        stages.stage_manifest(args.dataset, params)
-    elif args.command == "preprocess":
-        stages.stage_preprocess(args.dataset, params)
-    elif args.command == "pretrain":
-        print(json.dumps(stages.stage_pretrain(params), indent=2))
+def _stage(args: argparse.Namespace, params) -> int:
+    """Run a stage command (``STAGE_COMMANDS``) and print its result."""
+    module, function = STAGE_COMMANDS[args.command]
+    stage = getattr(importlib.import_module(module), function)  # heavy imports (Ray, MLflow) only now
+    result = stage(params, args.dataset) if hasattr(args, "dataset") else stage(params)
+    if args.command == "pretrain":
+        print(json.dumps(result, indent=2))
     elif args.command == "finetune":
-        print(json.dumps(stages.stage_finetune(args.dataset, params)["best"], indent=2, default=float))
+        print(json.dumps(result["best"], indent=2, default=float))
     elif args.command == "report":
-        print(stages.stage_report(params))
-    elif args.command == "export":
-        from .export import export_fold
+        print(result)
+    return 0
 
-        try:
-            print(f"exported -> {export_fold(args.dataset, params, args.fold, args.checkpoint, args.out)}")
-        except (FileNotFoundError, ValueError) as err:
-            print(f"hicmae export: error: {err}", file=sys.stderr)
-            return 1
+
+def _ablations(args: argparse.Namespace) -> int:
+    from . import ablations
+
+    chosen = ablations.select(args.names)
+    if args.run or args.queue:
+        ablations.launch(chosen, queue=args.queue)
+    else:
+        print(ablations.describe(chosen))
+    return 0
+
+
+def _export(args: argparse.Namespace, params) -> int:
+    from .export import export_fold
+
+    try:
+        print(f"exported -> {export_fold(args.dataset, params, args.fold, args.checkpoint, args.out)}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"hicmae export: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,14 +13,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from model import ARCHITECTURE_FIELDS, SIZES, HiCMAEConfig, get_config
+from preprocessing.errors import InputError
 from preprocessing.settings import PreprocessSettings
 
 from .augment import AugmentConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(InputError, ValueError):
+    """A parameter file or value the user must fix, as one line: ``<file>: <key>: <problem>``."""
 
 
 class Strict(BaseModel):
@@ -139,6 +144,13 @@ class Params(Strict):
     experiment: str = "hicmae"
     variant: str = Field("baseline", min_length=1,
                          description="this configuration's name, tagged on every MLflow run (ablations set it)")
+    _source: str = PrivateAttr("params.yaml")  # the file these values were read from, for error messages
+
+    def dataset_root(self, dataset: str) -> Path:
+        """The folder of a dataset listed under ``datasets``; a ConfigError for one that is not listed."""
+        if dataset not in self.datasets:
+            raise ConfigError(f"{self._source}: datasets: no dataset {dataset!r}; listed: {', '.join(self.datasets)}")
+        return self.datasets[dataset].root_path()
 
 
 class DatasetConfig(Strict):
@@ -149,6 +161,7 @@ class DatasetConfig(Strict):
 
     adapter: str
     finetune: dict[str, Any] = Field(default_factory=dict, description="overrides of params' finetune section")
+    _source: str = PrivateAttr("conf/datasets/<name>.yaml")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -156,7 +169,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for key in parents:
         tree = tree.setdefault(key, {})
         if not isinstance(tree, dict):
-            raise ValueError(f"override {dotted}: {key} is not a section")
+            raise ValueError(f"{key} is not a section")
     tree[leaf] = value
 
 
@@ -165,9 +178,12 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"--set {item}: not key=value")
         key, text = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(text))
+        try:
+            _set_dotted(tree, key.strip(), yaml.safe_load(text))
+        except (ValueError, yaml.YAMLError) as err:
+            raise ConfigError(f"--set {item}: {' '.join(str(err).split())}") from None
     return tree
 
 
@@ -176,7 +192,7 @@ def _validate(schema: type[BaseModel], tree: dict, source: str) -> BaseModel:
         return schema.model_validate(tree)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{source}: {problems}") from None
+        raise ConfigError(f"{source}: {problems}") from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -184,21 +200,25 @@ def read_yaml(path: str | Path) -> dict:
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such configuration file") from None
+        raise ConfigError(f"{path}: no such configuration file") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(tree, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     return tree
 
 
 def load_params(path: str | Path = PROJECT_ROOT / "params.yaml", overrides: list[str] = ()) -> Params:
-    return _validate(Params, apply_overrides(read_yaml(path), list(overrides)), str(path))
+    params = _validate(Params, apply_overrides(read_yaml(path), list(overrides)), str(path))
+    params._source = str(path)
+    return params
 
 
 def load_dataset_config(name: str, conf_dir: str | Path = PROJECT_ROOT / "conf" / "datasets") -> DatasetConfig:
     path = Path(conf_dir) / f"{name}.yaml"
-    return _validate(DatasetConfig, read_yaml(path), str(path))
+    config = _validate(DatasetConfig, read_yaml(path), str(path))
+    config._source = str(path)
+    return config
 
 
 def finetune_settings_for(params: Params, dataset: DatasetConfig) -> FinetuneSettings:
@@ -206,4 +226,4 @@ def finetune_settings_for(params: Params, dataset: DatasetConfig) -> FinetuneSet
     tree = params.finetune.model_dump(mode="json")
     for key, value in dataset.finetune.items():
         _set_dotted(tree, key, value)
-    return _validate(FinetuneSettings, tree, f"finetune overrides of dataset {dataset.adapter}")
+    return _validate(FinetuneSettings, tree, f"{dataset._source}: finetune")

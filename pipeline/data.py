@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,14 +24,6 @@ from .augment import AugmentConfig, eval_video_transform, train_video_transform
 from .config import WindowSettings
 
 PRETRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)
-
-
-def shard_paths(processed_dir: str | Path) -> list[str]:
-    """The shards of a preprocessed dataset directory, sorted."""
-    paths = sorted(str(p) for p in (Path(processed_dir) / "shards").glob("shard-*.tar"))
-    if not paths:
-        raise FileNotFoundError(f"{processed_dir}: no shards under shards/ (has preprocessing run?)")
-    return paths
 
 
 def window_starts(num_clip_frames: int, span: int, views: int) -> list[int]:

@@ -15,7 +15,6 @@ The fine-tuning stage exports every fold's best-epoch weights to ``runs/<dataset
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,15 +22,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import HiCMAEClassifier, HiCMAEConfig
-from preprocessing.face_model import sha256_of
-from preprocessing.manifest import DatasetInfo, write_json
+from preprocessing.fileio import atomic_path, atomic_write_text, sha256_file, write_json
+from preprocessing.manifest import DatasetInfo, read_manifest
 from preprocessing.settings import PreprocessSettings
 
-from .config import WindowSettings
+from .config import WindowSettings, finetune_settings_for, load_dataset_config
+from .layout import CHECKPOINT_STATE, TEST_METRICS_FILE, Layout, require
 
 FORMAT = "hicmae-finetuned/1"
 WEIGHTS_FILE, CARD_FILE, README_FILE = "model.safetensors", "model_card.json", "README.md"
-CHECKPOINT_STATE, CHECKPOINT_METRICS = "state.pt", "test_metrics.json"
 
 
 def config_from_dict(config: dict | HiCMAEConfig) -> HiCMAEConfig:
@@ -66,18 +65,17 @@ def export_model(state_dict: dict[str, torch.Tensor], config: dict | HiCMAEConfi
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
-    tmp = weights.with_name(f".{WEIGHTS_FILE}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # safetensors creates the file readable by its owner only
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata={"format": "pt"})
+        tmp.chmod(0o644)  # safetensors creates the file readable by its owner only
     card |= {"parameters": sum(p.numel() for p in net.parameters()),
              "window": (window or WindowSettings()).model_dump(),
              "preprocess": (preprocess or PreprocessSettings()).output_fingerprint(),
              "metrics": metrics, "data_hash": data_hash, "source": source, "git_commit": git_commit(),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights_sha256": sha256_of(weights)}
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights_sha256": sha256_file(weights)}
     write_json(out_dir / CARD_FILE, card)
-    (out_dir / README_FILE).write_text(model_card_markdown(card, out_dir))
+    atomic_write_text(out_dir / README_FILE, model_card_markdown(card, out_dir))
     return out_dir
 
 
@@ -95,8 +93,8 @@ def export_checkpoint(checkpoint_dir: str | Path, info: DatasetInfo, out_dir: st
         raise ValueError(f"{folder / CHECKPOINT_STATE}: no best-epoch weights and config; "
                          "is it a fine-tuning checkpoint?")
     metrics = {"epoch": best["epoch"], "validation_score": float(best["score"])}
-    if (folder / CHECKPOINT_METRICS).is_file():
-        test = json.loads((folder / CHECKPOINT_METRICS).read_text())
+    if (folder / TEST_METRICS_FILE).is_file():
+        test = json.loads((folder / TEST_METRICS_FILE).read_text())
         metrics["test"] = test["best"]
     return export_model(best["model"], state["config"], info, metrics, data_hash, out_dir, name=name,
                         window=window, preprocess=preprocess, source=str(folder.resolve()))
@@ -115,7 +113,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     card = json.loads(card_path.read_text())
     if card.get("format") != FORMAT:
         raise ValueError(f"{card_path}: not a model card of this pipeline (format {card.get('format')!r})")
-    if card.get("weights_sha256") and sha256_of(weights) != card["weights_sha256"]:
+    if card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
         raise ValueError(f"{weights}: does not match {card_path.name} (sha256 differs); a card of another model?")
     try:
         state = load_file(str(weights))
@@ -191,22 +189,19 @@ def export_fold(dataset: str, params, fold: int | None = None, checkpoint: str |
                 out_dir: str | Path | None = None) -> Path:
     """``hicmae export``: a fine-tuning checkpoint of ``dataset`` exported (by default the newest one of
     ``fold``'s runs, to ``runs/<dataset>/finetune/fold-<fold>/model``), e.g. from a run that did not finish."""
-    from preprocessing.manifest import read_manifest
-
-    from .config import finetune_settings_for, load_dataset_config
-    from .stages import data_dir, runs_dir, work_root
-    from .tracking import hash_directory
+    from .tracking import hash_directory  # MLflow, as above
 
     if checkpoint is None and fold is None:
         raise ValueError("give --fold (its newest checkpoint) or --checkpoint")
     if out_dir is None and fold is None:
         raise ValueError("give --out (or --fold for the default runs/<dataset>/finetune/fold-<k>/model)")
-    info, _ = read_manifest(data_dir(dataset) / "manifest.jsonl")
+    layout = Layout.current()
+    data = layout.data(dataset)
+    info, _ = read_manifest(require(data.manifest, f"run `hicmae manifest --dataset {dataset}` first"))
     if checkpoint is None:
-        checkpoint = newest_checkpoint(work_root() / "ray_results", f"finetune-{info.name}-fold{fold}")
-    processed = data_dir(dataset) / "processed"
+        checkpoint = newest_checkpoint(layout.ray_results, f"finetune-{info.name}-fold{fold}")
     settings = finetune_settings_for(params, load_dataset_config(dataset))
-    return export_checkpoint(checkpoint, info, out_dir or runs_dir(dataset, "finetune", f"fold-{fold}", "model"),
-                             data_hash=hash_directory(processed) if processed.is_dir() else None,
+    return export_checkpoint(checkpoint, info, out_dir or layout.finetune(dataset).fold(fold).model,
+                             data_hash=hash_directory(data.processed) if data.processed.is_dir() else None,
                              name=f"{info.name}-fold{fold}" if fold else info.name, window=settings.window,
                              preprocess=params.preprocess)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -84,3 +85,28 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: fl
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def steps_per_epoch(num_clips: int, batch_size: int, world_size: int) -> int:
+    """Optimizer steps in an epoch: whole global batches of ``batch_size`` per rank (drop_last), at least one."""
+    return max(num_clips // (batch_size * world_size), 1)
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The per-step learning rate of a run: ``lr_at`` with peak and floor scaled by the global batch."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak: float
+    floor: float
+
+    @classmethod
+    def for_run(cls, settings: OptimSettings, *, epochs: int, steps_per_epoch: int, global_batch: int) -> LrSchedule:
+        peak, floor = scaled_lrs(settings, global_batch)
+        return cls(steps_per_epoch, epochs * steps_per_epoch, int(settings.warmup_epochs * steps_per_epoch),
+                   peak, floor)
+
+    def at(self, epoch: int, step: int) -> float:
+        return lr_at(epoch * self.steps_per_epoch + step, self.total_steps, self.warmup_steps, self.peak, self.floor)

@@ -38,7 +38,7 @@ from preprocessing.decode import MediaError, open_media
 from preprocessing.face import X0, X1, Y0, Y1, FaceDetector
 from preprocessing.face_model import ensure_face_model
 from preprocessing.fbank import FRAMES_PER_SECOND
-from preprocessing.manifest import atomic_write_text
+from preprocessing.fileio import atomic_path, atomic_write_text
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample, encode_sample
 
@@ -348,8 +348,7 @@ def preview_mp4(path: Path, media: ClipMedia, result: dict) -> Path:
     height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # yuv420p needs even sides
     labels = frame_labels(result, len(frames))
     track = result["face"]["track"]
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    with av.open(str(tmp), "w") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(media.video.fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "veryfast", "crf": "23"}
@@ -358,5 +357,4 @@ def preview_mp4(path: Path, media: ClipMedia, result: dict) -> Path:
             image = draw_frame(frame[:height, :width], _box(media, t), colour, labels[t])
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
-    os.replace(tmp, path)
     return path

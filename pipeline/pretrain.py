@@ -1,110 +1,109 @@
 """The pre-training stage: HiCMAE self-supervised training on a dataset's shards, on Ray Train.
 
-    hicmae pretrain --processed data/demo/processed --out runs/demo/pretrain
+    hicmae pretrain      (the dataset is params.yaml's ``pretrain.dataset``)
 
-Writes ``<out>/checkpoint.pt`` (model state dict + config; loadable by ``model.load_reference_weights``),
-``<out>/metrics.json`` (last epoch's losses) and ``<out>/history.csv`` (the losses and lr of every epoch).
+Writes ``runs/pretrain/checkpoint.pt`` (model state dict + config; loadable by ``model.load_reference_weights``),
+``metrics.json`` (the last epoch's losses) and ``history.csv`` (the losses and lr of every epoch), and tracks
+the run in MLflow.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from functools import partial
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import torch
 
 from model import HiCMAEPretrain
-from preprocessing.manifest import write_json
+from preprocessing.fileio import atomic_path, atomic_write_bytes, write_json
+from preprocessing.shards import list_shards
 
-from . import raytrain
+from . import raytrain, tracking
 from .config import Params, PretrainSettings
-from .data import ClipWindows, make_loader, pretrain_examples, shard_paths
-from .optim import build_optimizer, lr_at, optimizer_step, scaled_lrs, set_lr
+from .data import ClipWindows, make_loader, pretrain_examples
+from .layout import HISTORY_FILE, Layout, require
+from .optim import optimizer_step
+from .training import TrainingTask, autocast, fit
 
 LOSS_KEYS = ("loss", "loss_video", "loss_audio", "loss_contrastive")
-
-
-def count_clips(processed_dir: str | Path) -> int:
-    """Clips in a preprocessed dataset (from its summary)."""
-    summary = json.loads((Path(processed_dir) / "summary.json").read_text())
-    return int(summary["ok"])
+SHUFFLE_BUFFER = 64  # clips
 
 
 def train_step(net, batch: dict, optimizer, clip_grad: float | None, precision: str | None = None) -> torch.Tensor:
     """One step on a batch already on the device: forward with every loss, backward, AdamW step.
 
-    Returns the detached (len(LOSS_KEYS),) float32 losses. ``precision``: see ``raytrain.autocast``."""
-    with raytrain.autocast(batch["video"].device, precision):
+    Returns the detached (len(LOSS_KEYS),) float32 losses. ``precision``: see ``training.autocast``."""
+    with autocast(batch["video"].device, precision):
         out = net(batch["video"], batch["audio"], batch["mask_video"], batch["mask_audio"])
     optimizer_step(optimizer, out.loss, net.parameters(), clip_grad)
     return torch.stack([getattr(out, key).detach().float() for key in LOSS_KEYS])
 
 
-def pretrain_loop(config: dict) -> None:
-    """The per-worker training function (runs inside Ray Train)."""
-    settings = PretrainSettings.model_validate(config["settings"])
-    rank, world, device = raytrain.worker_context()
-    raytrain.seed_everything(settings.seed + rank)
-    cfg = settings.model.build_config()
+class PretrainTask(TrainingTask):
+    """Masked audio-visual autoencoding with the contrastive loss; a checkpoint every ``checkpoint_every``."""
 
-    import ray.train.torch
+    loss_names = LOSS_KEYS
 
-    net = ray.train.torch.prepare_model(HiCMAEPretrain(cfg))
-    optimizer = build_optimizer(raytrain.unwrap(net), settings.optim)
-    tracker = config.get("tracker") if rank == 0 else None
-    restored = raytrain.restore(raytrain.unwrap(net), optimizer, tracker)
-    start_epoch = restored["epoch"] + 1 if restored else 0
-    history = restored.get("history", []) if restored else []  # per-epoch metrics, kept in the checkpoints
+    def __init__(self, config: dict):
+        self.config = config
+        self.settings = PretrainSettings.model_validate(config["settings"])
+        self.tracker = config.get("tracker")
 
-    dataset = ClipWindows(config["shards"], partial(pretrain_examples, window=settings.window, cfg=cfg,
-                                                    seed=settings.seed),
-                          rank=rank, world_size=world, shuffle_buffer=config["shuffle_buffer"], seed=settings.seed)
-    loader = make_loader(dataset, settings.batch_size, config["loader_workers"], drop_last=True)
-    steps = max(config["num_clips"] // (settings.batch_size * world), 1)
-    peak, floor = scaled_lrs(settings.optim, settings.batch_size * world)
-    total, warmup = settings.epochs * steps, int(settings.optim.warmup_epochs * steps)
+    def build_model(self, rank: int) -> HiCMAEPretrain:
+        return HiCMAEPretrain(self.settings.model.build_config())
 
-    for epoch in range(start_epoch, settings.epochs):
-        raytrain.seed_epoch(settings.seed, rank, epoch)
-        net.train()
-        dataset.set_epoch(epoch)
-        sums = torch.zeros(len(LOSS_KEYS), device=device)  # summed on the device: no host sync per step
-        began = time.perf_counter()
-        for step, batch in enumerate(raytrain.batches(loader, steps)):
-            set_lr(optimizer, lr_at(epoch * steps + step, total, warmup, peak, floor))
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            sums += train_step(net, batch, optimizer, settings.optim.clip_grad)
-        metrics = {f"train/{k}": v / steps for k, v in zip(LOSS_KEYS, sums.tolist(), strict=True)}
-        metrics.update({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                        "samples_per_s": steps * settings.batch_size * world / (time.perf_counter() - began)})
-        history.append(metrics)
-        if tracker:
-            tracker.log_epoch(metrics, epoch)
-        last = epoch == settings.epochs - 1
-        save = rank == 0 and (last or (epoch + 1) % settings.checkpoint_every == 0)
-        state = {"model": raytrain.unwrap(net).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                 "history": history, "config": cfg.to_dict()} if save else None
-        raytrain.report(metrics, state)
+    def train_data(self, rank: int, world_size: int):
+        settings = self.settings
+        examples = partial(pretrain_examples, window=settings.window, cfg=settings.model.build_config(),
+                           seed=settings.seed)
+        dataset = ClipWindows(self.config["shards"], examples, rank=rank, world_size=world_size,
+                              shuffle_buffer=SHUFFLE_BUFFER, seed=settings.seed)
+        loader = make_loader(dataset, settings.batch_size, self.config["loader_workers"], drop_last=True)
+        return dataset, loader, self.config["num_clips"]
+
+    def train_step(self, net, batch: dict, optimizer, rng: np.random.Generator) -> torch.Tensor:
+        return train_step(net, batch, optimizer, self.settings.optim.clip_grad)
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.settings.checkpoint_every == 0
 
 
-def run_pretrain(params: Params, processed_dir: str | Path, out_dir: str | Path, tracker=None,
-                 loader_workers: int = 1, storage: str | Path | None = None) -> dict:
-    """Pre-train on ``processed_dir``'s shards; writes the checkpoint and metrics into ``out_dir``."""
-    out_dir = Path(out_dir)
-    config = {"settings": params.pretrain.model_dump(mode="json"), "shards": shard_paths(processed_dir),
-              "num_clips": count_clips(processed_dir), "loader_workers": loader_workers,
-              "shuffle_buffer": 64, "tracker": tracker}
-    result = raytrain.run_trainer(pretrain_loop, config, params.scaling, name=f"pretrain-{params.pretrain.dataset}",
-                                  storage=storage)
+def pretrain_worker(config: dict) -> None:
+    """What every Ray Train worker runs."""
+    fit(PretrainTask(config))
+
+
+def run_pretrain(params: Params, layout: Layout, tracker=None, loader_workers: int = 1) -> dict:
+    """Pre-train on ``params.pretrain.dataset``'s shards; writes runs/pretrain/ and returns the last metrics."""
+    data = layout.data(params.pretrain.dataset)
+    config = {"settings": params.pretrain.model_dump(mode="json"), "shards": list_shards(data.processed),
+              "num_clips": json.loads(data.summary.read_text())["ok"], "loader_workers": loader_workers,
+              "tracker": tracker}
+    result = raytrain.run_trainer(pretrain_worker, config, params.scaling, name=f"pretrain-{params.pretrain.dataset}",
+                                  storage=layout.ray_results)
+    state = raytrain.load_result_state(result)
+    out = layout.pretrain
+    with atomic_path(out.checkpoint) as tmp:
+        torch.save({"model": state["model"], "config": state["config"], "epoch": state["epoch"]}, tmp)
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / raytrain.CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".checkpoint.pt.tmp"
-    torch.save({"model": state["model"], "config": state["config"], "epoch": state["epoch"]}, tmp)
-    tmp.replace(out_dir / "checkpoint.pt")
-    (out_dir / raytrain.HISTORY_FILE).write_bytes(raytrain.history_csv(state.get("history", [])))
+        atomic_write_bytes(out.history, (Path(folder) / HISTORY_FILE).read_bytes())
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out.metrics, metrics)
+    return metrics
+
+
+def stage_pretrain(params: Params) -> dict:
+    """``hicmae pretrain``: the run above, tracked as the MLflow run ``pretrain-<dataset>``."""
+    layout = Layout.current()
+    dataset = params.pretrain.dataset
+    processed = require(layout.data(dataset).processed, f"run `hicmae preprocess --dataset {dataset}` first")
+    with tracking.start_stage_run("pretrain", params.pretrain, experiment=params.experiment,
+                                  run_name=f"pretrain-{dataset}", data_hash=tracking.hash_directory(processed),
+                                  tags={"dataset": dataset, "variant": params.variant}) as run:
+        logger = tracking.RunLogger(mlflow.get_tracking_uri(), run.info.run_id)
+        metrics = run_pretrain(params, layout, tracker=logger)
+        tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
     return metrics

@@ -16,23 +16,23 @@ Reads what the training stages wrote (``runs/<dataset>/metrics.json``, ``runs/<d
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import mlflow
 import numpy as np
 
-from preprocessing.manifest import DatasetInfo, write_json
+from preprocessing.fileio import atomic_write_bytes, atomic_write_text, write_json
 
-from .metrics import selection_metric
+from . import tracking
+from .config import Params
+from .history import history_csv, read_history
+from .layout import FinetuneRun, Layout, PretrainRun, require
 from .plots import confusion_matrix_figure, embedding_maps_figure, save_figure, training_curves_figure
-from .raytrain import HISTORY_FILE, history_csv
 
-INFO_FILE = "info.json"             # in runs/<dataset>/finetune: the dataset's classes/targets and selection metric
-EMBEDDINGS_FILE = "embeddings_best.npz"
 MAX_EMBEDDING_POINTS = 5000         # t-SNE cost grows with N: larger test sets are subsampled (fixed seed)
 
 # Metrics of the results table, in this order, where a run has them; per-target correlations follow.
@@ -67,27 +67,9 @@ AVF_MAE_PP = {
 REFERENCES = {"hicmae_b": ("HiCMAE-B (paper)", HICMAE_B), "avf_mae_pp": ("AVF-MAE++ (CVPR 2025)", AVF_MAE_PP)}
 
 
-def describe_dataset(info: DatasetInfo, protocol: str) -> dict:
-    """What a fine-tuning run's ``info.json`` holds: the dataset's description and the epoch-selection metric."""
-    return {"dataset": info.model_dump(mode="json"), "protocol": protocol,
-            "selection_metric": selection_metric(info.task, protocol)}
-
-
 def read_json(path: Path, hint: str) -> dict:
     """A JSON file written by an earlier stage; a missing file names the stage to run."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {hint}")
-    return json.loads(path.read_text())
-
-
-def read_history(path: Path) -> list[dict[str, float]]:
-    """A ``history.csv`` as per-epoch dicts of floats (NaN where a value is empty)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path}: no epoch rows")
-    return [{name: float(value) if value not in ("", None) else math.nan for name, value in row.items()}
-            for row in rows]
+    return json.loads(require(path, hint).read_text())
 
 
 def read_embeddings(paths: Iterable[Path]) -> dict[str, np.ndarray]:
@@ -166,21 +148,22 @@ def _subsample(count: int, limit: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, limit, replace=False))
 
 
-def _fold_files(finetune_dir: Path, folds: list[int], name: str, dataset: str) -> list[Path]:
-    paths = [finetune_dir / f"fold-{fold}" / name for fold in folds]
+def _fold_files(run: FinetuneRun, folds: list[int], file: str, dataset: str) -> list[Path]:
+    """``file`` (an attribute of ``layout.FoldRun``) of every fold; one error naming the missing ones."""
+    paths = [getattr(run.fold(fold), file) for fold in folds]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{', '.join(missing)}: missing; re-run `hicmae finetune --dataset {dataset}`")
     return paths
 
 
-def dataset_plots(dataset: str, summary: dict, finetune_dir: Path, out: Path,
+def dataset_plots(dataset: str, summary: dict, run: FinetuneRun, out: Path,
                   max_points: int = MAX_EMBEDDING_POINTS) -> list[Path]:
     """The confusion matrix, embedding maps and training curves of one dataset's folds; their PNG paths.
 
     Also writes the per-fold curve CSVs under ``out/curves/finetune/<dataset>/``.
     """
-    described = read_json(finetune_dir / INFO_FILE, f"re-run `hicmae finetune --dataset {dataset}`")
+    described = read_json(run.info, f"re-run `hicmae finetune --dataset {dataset}`")
     info, selection = described["dataset"], described["selection_metric"]
     folds, plots = summary["folds"], out / "plots" / dataset
     written = []
@@ -189,7 +172,7 @@ def dataset_plots(dataset: str, summary: dict, finetune_dir: Path, out: Path,
                                          title=f"{dataset}: test clips of {len(folds)} folds, best epoch")
         written.append(save_figure(figure, plots / "confusion.png"))
 
-    embeddings = read_embeddings(_fold_files(finetune_dir, folds, EMBEDDINGS_FILE, dataset))
+    embeddings = read_embeddings(_fold_files(run, folds, "embeddings", dataset))
     chosen = _subsample(len(embeddings["clip_id"]), max_points)
     names = {"video": "video", "audio": "audio", "fused": "audio-visual (fused)"}
     maps = {title: embeddings[key][chosen] for key, title in names.items() if key in embeddings}
@@ -205,7 +188,7 @@ def dataset_plots(dataset: str, summary: dict, finetune_dir: Path, out: Path,
     written.append(save_figure(figure, plots / "embeddings.png"))
 
     histories = {fold: read_history(path) for fold, path in
-                 zip(folds, _fold_files(finetune_dir, folds, HISTORY_FILE, dataset), strict=True)}
+                 zip(folds, _fold_files(run, folds, "history", dataset), strict=True)}
     shown = ["train/loss"] + [f"val/{metric}" for metric in CURVE_METRICS[info["task"]]]
     by_epoch: dict[float, dict] = {}
     for fold, history in histories.items():
@@ -214,48 +197,59 @@ def dataset_plots(dataset: str, summary: dict, finetune_dir: Path, out: Path,
             merged.update({f"fold-{fold}/{name}": row[name] for name in shown if name in row})
         curve = [{"epoch": int(row["epoch"]), "train/loss": row.get("train/loss", math.nan),
                   "val/score": row.get(f"val/{selection}", math.nan)} for row in history]
-        write_bytes(out / "curves" / "finetune" / dataset / f"fold-{fold}.csv", history_csv(curve))
+        atomic_write_bytes(out / "curves" / "finetune" / dataset / f"fold-{fold}.csv", history_csv(curve))
     figure = training_curves_figure([by_epoch[e] for e in sorted(by_epoch)],
                                     title=f"{dataset}: fine-tuning per fold (best epoch chosen by val {selection})")
     written.append(save_figure(figure, plots / "curves.png"))
     return written
 
 
-def pretrain_plots(pretrain_dir: Path, out: Path) -> list[Path]:
+def pretrain_plots(run: PretrainRun, out: Path) -> list[Path]:
     """The pre-training curves (PNG and a copy of the history CSV); nothing when no history was written."""
-    history_path = pretrain_dir / HISTORY_FILE
-    if not history_path.is_file():
-        print(f"report: {history_path} not found: no pre-training curves", flush=True)
+    if not run.history.is_file():
+        print(f"report: {run.history} not found: no pre-training curves", flush=True)
         return []
-    history = read_history(history_path)
-    (out / "curves").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(history_path, out / "curves" / "pretrain.csv")
+    history = read_history(run.history)
+    atomic_write_bytes(out / "curves" / "pretrain.csv", run.history.read_bytes())
     curves = [{name: row[name] for name in ("epoch", *PRETRAIN_CURVES) if name in row} for row in history]
     figure = training_curves_figure(curves, title="Pre-training")
     return [save_figure(figure, out / "plots" / "pretrain" / "curves.png")]
 
 
-def write_bytes(path: Path, payload: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(payload)
-    return path
-
-
-def write_report(datasets: Iterable[str], runs: Path, out: Path) -> dict:
-    """Tables, plots and curve CSVs of ``datasets`` (fine-tuned under ``runs``) and of pre-training, in ``out``.
+def write_report(datasets: Iterable[str], layout: Layout) -> dict:
+    """Tables, plots and curve CSVs of ``datasets`` and of pre-training, in ``layout.reports``.
 
     Returns ``{"rows": table rows, "markdown": results.md's text, "plots": {section: PNG paths}}``.
     """
+    out = layout.reports
     for folder in ("plots", "curves"):  # no stale figures of datasets no longer listed
         shutil.rmtree(out / folder, ignore_errors=True)
         (out / folder).mkdir(parents=True)
     rows, plots = [], {}
     for dataset in datasets:
-        summary = read_json(runs / dataset / "metrics.json", f"run `hicmae finetune --dataset {dataset}` first")
+        run = layout.finetune(dataset)
+        summary = read_json(run.metrics, f"run `hicmae finetune --dataset {dataset}` first")
         rows += table_rows(dataset, summary)
-        plots[dataset] = dataset_plots(dataset, summary, runs / dataset / "finetune", out)
-    plots["pre-training"] = pretrain_plots(runs / "pretrain", out)
+        plots[dataset] = dataset_plots(dataset, summary, run, out)
+    plots["pre-training"] = pretrain_plots(layout.pretrain, out)
     markdown = results_markdown(rows, plots, out)
-    (out / "results.md").write_text(markdown)
+    atomic_write_text(out / "results.md", markdown)
     write_json(out / "results.json", results_json(rows))
     return {"rows": rows, "markdown": markdown, "plots": plots}
+
+
+def stage_report(params: Params) -> str:
+    """``hicmae report``: reports/ for every dataset in params.yaml, all logged to the MLflow run ``report``."""
+    layout = Layout.current()
+    out = layout.reports
+    with tracking.start_stage_run("report", params, experiment=params.experiment, run_name="report",
+                                  tags={"variant": params.variant}):
+        report = write_report(params.datasets, layout)
+        for name in ("results.md", "results.json"):
+            mlflow.log_artifact(str(out / name))
+        tracking.log_table(report["rows"], "results.csv")
+        for folder in ("plots", "curves"):
+            mlflow.log_artifacts(str(out / folder), folder)
+        tracking.log_metrics({f"{r['dataset']}/{r['metric']}": r["best_mean"] for r in report["rows"]
+                              if r["best_mean"] is not None})
+    return report["markdown"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ import numpy as np
 from preprocessing.decode import AUDIO_RATE, MediaError, VideoClip, decode_audio, decode_video
 from preprocessing.face import FaceDetector, FaceStats, crop_faces, detect_frames, main_track_geometry
 from preprocessing.fbank import FRAME_LENGTH, FRAME_SHIFT, FRAMES_PER_SECOND, log_mel_fbank
+from preprocessing.fileio import sha256_file
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import encode_sample
@@ -29,14 +29,6 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def clip_meta(info: DatasetInfo, clip: ClipRecord, key: str, settings: PreprocessSettings, **fields) -> dict:
@@ -96,9 +88,9 @@ def process_clip(info: DatasetInfo, clip: ClipRecord, key: str, settings: Prepro
     media = load_clip_media(video_path, audio_path, clip.start, clip.end, settings, detector, timings)
     video, stats = media.video, media.face
     with timed(timings, "decode"):
-        sources = {"video": clip.video, "video_sha256": file_sha256(video_path)}
+        sources = {"video": clip.video, "video_sha256": sha256_file(video_path)}
         if clip.audio:
-            sources |= {"audio": clip.audio, "audio_sha256": file_sha256(audio_path)}
+            sources |= {"audio": clip.audio, "audio_sha256": sha256_file(audio_path)}
     meta = clip_meta(info, clip, key, settings, num_frames=len(media.crops), duration=video.duration,
                      fbank_frames=len(media.fbank), audio_duration=round(media.audio_duration, 4),
                      face={"frames": stats.frames, "detected": stats.detected,

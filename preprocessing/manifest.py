@@ -15,7 +15,6 @@ derived from it by ``split_for_fold``: a deterministic, speaker-disjoint slice o
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from preprocessing.fileio import atomic_write_text
 
 Task = Literal["classification", "regression", "unlabelled"]
 
@@ -74,13 +75,6 @@ class DatasetInfo(BaseModel):
 def info_path(manifest_path: str | os.PathLike) -> Path:
     path = Path(manifest_path)
     return path.with_name(path.name.removesuffix(".jsonl") + ".info.json")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def validate_clips(info: DatasetInfo, clips: Sequence[ClipRecord]) -> None:
@@ -163,8 +157,3 @@ def split_for_fold(
         else:
             split["train"].append(clip)
     return split
-
-
-def write_json(path: str | os.PathLike, payload: object) -> None:
-    """Atomically write pretty JSON (shared helper for summaries and metrics files)."""
-    atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")

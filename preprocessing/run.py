@@ -26,9 +26,11 @@ import numpy as np
 from preprocessing.clip import STAGES
 from preprocessing.face import FaceDetector
 from preprocessing.face_model import ensure_face_model
-from preprocessing.manifest import DatasetInfo, read_manifest, write_json
+from preprocessing.fileio import atomic_write_text, write_json
+from preprocessing.manifest import DatasetInfo, read_manifest
 from preprocessing.ray_runtime import start_ray
 from preprocessing.settings import PreprocessSettings
+from preprocessing.shards import STATUS_FILE, SUMMARY_FILE
 from preprocessing.units import WorkUnit, plan_units, process_unit, read_status, remove_leftovers, unit_done
 
 
@@ -94,9 +96,7 @@ def summarise(statuses: list[dict], processed: int, wall: float) -> dict:
 
 def _write_status_table(out_dir: Path, statuses: list[dict]) -> None:
     lines = [json.dumps(row, ensure_ascii=False) for status in statuses for row in status["clips"]]
-    tmp = out_dir / f".status.jsonl.tmp-{os.getpid()}"
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, out_dir / "status.jsonl")
+    atomic_write_text(out_dir / STATUS_FILE, "".join(line + "\n" for line in lines))
 
 
 def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike,
@@ -123,7 +123,7 @@ def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike,
         raise RuntimeError(f"{out_dir}: units {missing} did not finish; run again to complete them")
     _write_status_table(out_dir, statuses)
     summary = summarise(statuses, len(todo), time.perf_counter() - start)
-    write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / SUMMARY_FILE, summary)
     return summary
 
 

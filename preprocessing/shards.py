@@ -29,8 +29,26 @@ import cv2
 import numpy as np
 import webdataset as wds
 
+from preprocessing.fileio import atomic_path
+
 JPEG_QUALITY = 90
 FRAMES_FIELD, FBANK_FIELD, META_FIELD = "frames.jpgs", "fbank.npy", "meta.json"
+
+# A preprocessed dataset folder: shards/shard-XXXXXX.tar, units/ (preprocessing.units), status.jsonl (one row
+# per manifest clip) and summary.json (preprocessing.run).
+SHARDS_DIR, STATUS_FILE, SUMMARY_FILE = "shards", "status.jsonl", "summary.json"
+
+
+def shard_file(processed_dir: str | os.PathLike, index: int) -> Path:
+    return Path(processed_dir) / SHARDS_DIR / f"shard-{index:06d}.tar"
+
+
+def list_shards(processed_dir: str | os.PathLike) -> list[str]:
+    """The shards of a preprocessed dataset folder, sorted; an error naming the folder when there are none."""
+    paths = sorted(str(p) for p in (Path(processed_dir) / SHARDS_DIR).glob("shard-*.tar"))
+    if not paths:
+        raise FileNotFoundError(f"{processed_dir}: no shards under {SHARDS_DIR}/ (has preprocessing run?)")
+    return paths
 
 
 class PackedFrames:
@@ -137,19 +155,13 @@ def decode_sample(sample: dict, lazy_frames: bool = False) -> ClipSample:
 
 def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     """Write encoded samples to ``path`` atomically (temp file, then rename); returns the sample count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    with open(tmp, "wb") as stream:
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
         writer = wds.TarWriter(stream)
         for sample in samples:
             writer.write(sample)
             count += 1
         writer.close()
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
     return count
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from preprocessing.clip import STAGES, process_clip, timed
 from preprocessing.decode import MediaError
 from preprocessing.face import FaceDetector
-from preprocessing.manifest import ClipRecord, DatasetInfo, write_json
+from preprocessing.fileio import TEMP_GLOB, write_json
+from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
-from preprocessing.shards import sample_key, write_shard
+from preprocessing.shards import SHARDS_DIR, sample_key, shard_file, write_shard
 
 
 @dataclass
@@ -37,10 +38,6 @@ class WorkUnit:
     def from_json(cls, text: str) -> WorkUnit:
         data = json.loads(text)
         return cls(data["index"], data["digest"], [ClipRecord(**clip) for clip in data["clips"]])
-
-
-def shard_path(out_dir: Path, index: int) -> Path:
-    return out_dir / "shards" / f"shard-{index:06d}.tar"
 
 
 def status_path(out_dir: Path, index: int) -> Path:
@@ -85,8 +82,8 @@ def unit_done(out_dir: Path, unit: WorkUnit) -> bool:
 
 def remove_leftovers(out_dir: Path, units: list[WorkUnit]) -> None:
     """Delete temp files of killed runs and shards/status files of units the plan no longer has."""
-    for folder, pattern in (("shards", "shard-*.tar"), ("units", "unit-*.json")):
-        for path in (out_dir / folder).glob(".*.tmp-*"):
+    for folder, pattern in ((SHARDS_DIR, "shard-*.tar"), ("units", "unit-*.json")):
+        for path in (out_dir / folder).glob(TEMP_GLOB):
             path.unlink(missing_ok=True)
         for path in (out_dir / folder).glob(pattern):
             index = int(path.stem.split("-")[1].split(".")[0])
@@ -119,7 +116,7 @@ def process_unit(out_dir: Path, info: DatasetInfo, unit: WorkUnit, settings: Pre
             rows.append(_failure_row(info, clip, err.reason, err.path, err.detail))
         except Exception as err:  # noqa: BLE001 - an unexpected bug in one clip must not stop the unit
             rows.append(_failure_row(info, clip, "error", clip.video, f"{type(err).__name__}: {err}"))
-    shard = shard_path(out_dir, unit.index)
+    shard = shard_file(out_dir, unit.index)
     with timed(timings, "write"):
         if samples:
             write_shard(shard, samples)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from pipeline.config import FinetuneSettings, PretrainSettings
-from pipeline.data import ClipWindows, finetune_eval_examples, finetune_train_examples, pretrain_examples, shard_paths
-from preprocessing.shards import PackedFrames, decode_frames, encode_frames, iter_shards
+from pipeline.data import ClipWindows, finetune_eval_examples, finetune_train_examples, pretrain_examples
+from preprocessing.shards import PackedFrames, decode_frames, encode_frames, iter_shards, list_shards
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_BATCHES = ["--pretrain-batch", "2", "--finetune-batch", "2"]
@@ -44,7 +44,7 @@ def loader():
 @pytest.fixture(scope="module")
 def shards(loader, tmp_path_factory) -> list[str]:
     """Four synthetic 3.2 s clips (80 frames: longer than a 64-frame window, so windows start anywhere)."""
-    return shard_paths(loader.build_shards(tmp_path_factory.mktemp("shards"), clips=4, seconds=3.2, per_shard=2))
+    return list_shards(loader.build_shards(tmp_path_factory.mktemp("shards"), clips=4, seconds=3.2, per_shard=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def test_bf16_losses_stay_within_one_percent_of_float32(train_step):
 
 
 def test_autocast_precision_is_checked():
-    from pipeline.raytrain import autocast
+    from pipeline.training import autocast
 
     with autocast(torch.device("cpu"), "bf16"):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")

@@ -1,7 +1,7 @@
 """The report stage on tiny fold results written by the fine-tuning code's own writers.
 
 A tiny real model evaluates tiny test folds with ``test_files`` (the predictions, metrics and embeddings a fold
-writes); histories go through ``raytrain.history_csv`` and summaries through ``aggregate_folds``, as in the
+writes); histories go through ``history.history_csv`` and summaries through ``aggregate_folds``, as in the
 stages. Then ``stage_report`` runs against a real ``mlflow server`` and ``dvc plots show`` renders the result.
 """
 
@@ -21,12 +21,14 @@ from matplotlib.image import imread
 from mlflow_server import mlflow_server  # noqa: F401
 
 import model
-from pipeline import finetune, raytrain, report, stages
+from pipeline import evaluation, folds, layout, report
 from pipeline.config import DatasetEntry, Params
-from pipeline.finetune import predict
+from pipeline.evaluation import clip_outputs
+from pipeline.history import history_csv, read_history
 from pipeline.metrics import aggregate_folds
 from pipeline.plots import embedding_maps_figure
-from preprocessing.manifest import DatasetInfo, write_json
+from preprocessing.fileio import write_json
+from preprocessing.manifest import DatasetInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, num_frames=4, audio_frames=32, audio_mel_bins=32, embed_dim=16, audio_embed_dim=16,
@@ -80,8 +82,8 @@ def write_dataset_results(runs: Path, info: DatasetInfo) -> dict:
     for fold in FOLDS:
         net = tiny_net(info, seed=fold)
         best = {"epoch": 2, "model": tiny_net(info, seed=10 + fold).state_dict()}
-        files = finetune.test_files(net, best, eval_batches(info, fold), torch.device("cpu"), info)
-        files[raytrain.HISTORY_FILE] = raytrain.history_csv(epoch_history(info, fold))
+        files = evaluation.test_files(net, best, eval_batches(info, fold), torch.device("cpu"), info)
+        files[layout.HISTORY_FILE] = history_csv(epoch_history(info, fold))
         (out / f"fold-{fold}").mkdir(parents=True)
         for name, payload in files.items():
             (out / f"fold-{fold}" / name).write_bytes(payload)
@@ -89,7 +91,7 @@ def write_dataset_results(runs: Path, info: DatasetInfo) -> dict:
     summary = {"folds": list(FOLDS), "last": aggregate_folds([per_fold[f]["last"] for f in FOLDS]),
                "best": aggregate_folds([per_fold[f]["best"] for f in FOLDS])}
     write_json(runs / info.name / "metrics.json", summary)
-    write_json(out / report.INFO_FILE, report.describe_dataset(info, "clean"))
+    write_json(out / layout.INFO_FILE, folds.describe_dataset(info, "clean"))
     return summary
 
 
@@ -100,7 +102,7 @@ def workspace(tmp_path_factory):
     pretrain = [{"train/loss": 1 / (e + 1), "train/loss_video": 0.6 / (e + 1), "train/loss_audio": 0.4 / (e + 1),
                  "train/loss_contrastive": 0.01, "epoch": e, "lr": 1e-3, "samples_per_s": 5.0} for e in range(3)]
     (root / "runs" / "pretrain").mkdir(parents=True)
-    (root / "runs" / "pretrain" / raytrain.HISTORY_FILE).write_bytes(raytrain.history_csv(pretrain))
+    (root / "runs" / "pretrain" / layout.HISTORY_FILE).write_bytes(history_csv(pretrain))
     return root, summaries
 
 
@@ -113,17 +115,17 @@ def reported(workspace, mlflow_server):  # noqa: F811
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
         patch.setenv("HICMAE_WORKDIR", str(root))
-        markdown = stages.stage_report(params)
+        markdown = report.stage_report(params)
     return root, summaries, markdown
 
 
-def test_predict_collects_view_averaged_embeddings_in_the_one_forward_per_batch():
+def test_clip_outputs_collect_view_averaged_embeddings_in_the_one_forward_per_batch():
     info = DATASETS["crema-d"]
     net, loader = tiny_net(info, seed=0), eval_batches(info, fold=1)
     calls = []
     original = net.forward_features
     net.forward_features = lambda *inputs: calls.append(1) or original(*inputs)
-    predictions = predict(net, loader, torch.device("cpu"), info.task, embeddings=True)
+    predictions = clip_outputs(net, loader, torch.device("cpu"), info.task, embeddings=True)
     assert len(calls) == len(loader)  # one forward per batch, embeddings included
 
     net.forward_features = original
@@ -136,24 +138,24 @@ def test_predict_collects_view_averaged_embeddings_in_the_one_forward_per_batch(
                            ("fused", features.embedding)):
         assert predictions[f"embedding/{name}"].shape == (CLIPS_PER_FOLD, expected.shape[1])
         np.testing.assert_allclose(predictions[f"embedding/{name}"][0], expected.mean(0).numpy(), atol=1e-6)
-    assert "embedding/video" not in predict(net, loader, torch.device("cpu"), info.task)
+    assert "embedding/video" not in clip_outputs(net, loader, torch.device("cpu"), info.task)
 
 
 def test_fold_files_hold_embeddings_and_history(workspace):
     root, _ = workspace
     fold = root / "runs" / "werewolf-xl" / "finetune" / "fold-1"
-    embeddings = report.read_embeddings([fold / report.EMBEDDINGS_FILE])
+    embeddings = report.read_embeddings([fold / layout.EMBEDDINGS_FILE])
     assert sorted(embeddings) == ["audio", "clip_id", "fused", "truth", "video"]
     assert embeddings["fused"].shape == (CLIPS_PER_FOLD, 64) and embeddings["fused"].dtype == np.float32
     assert embeddings["truth"].shape == (CLIPS_PER_FOLD, 3)
-    history = report.read_history(fold / raytrain.HISTORY_FILE)
+    history = read_history(fold / layout.HISTORY_FILE)
     assert [row["epoch"] for row in history] == [0, 1, 2, 3] and history[0]["val/ccc_mean"] == pytest.approx(0.2)
 
 
 def test_tsne_of_the_tiny_embeddings(workspace):
     root, _ = workspace
     folder = root / "runs" / "crema-d" / "finetune"
-    embeddings = report.read_embeddings([folder / f"fold-{f}" / report.EMBEDDINGS_FILE for f in FOLDS])
+    embeddings = report.read_embeddings([folder / f"fold-{f}" / layout.EMBEDDINGS_FILE for f in FOLDS])
     figure = embedding_maps_figure({name: embeddings[name] for name in ("video", "audio", "fused")},
                                    embeddings["truth"], DATASETS["crema-d"].classes)
     count = len(FOLDS) * CLIPS_PER_FOLD
@@ -202,7 +204,7 @@ def test_every_plot_exists_and_decodes(reported):
     assert list(rows[0]) == ["epoch", "train/loss", "val/score"] and len(rows) == 4
     assert float(rows[3]["val/score"]) == pytest.approx(0.5)  # the selection metric, validation UAR
     assert (root / "reports" / "curves" / "pretrain.csv").read_bytes() == \
-        (root / "runs" / "pretrain" / raytrain.HISTORY_FILE).read_bytes()
+        (root / "runs" / "pretrain" / layout.HISTORY_FILE).read_bytes()
 
 
 def test_report_run_in_mlflow_has_the_artifacts(reported, mlflow_server):  # noqa: F811
@@ -246,4 +248,4 @@ def test_dvc_plots_show_renders_the_declared_plots(reported, tmp_path):
 
 def test_missing_results_name_the_file_and_the_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"runs/crema-d/metrics.json: missing; run `hicmae finetune"):
-        report.write_report(["crema-d"], tmp_path / "runs", tmp_path / "reports")
+        report.write_report(["crema-d"], layout.Layout(tmp_path))

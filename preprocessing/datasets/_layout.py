@@ -13,12 +13,13 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from preprocessing.errors import InputError
 from preprocessing.manifest import ClipRecord, DatasetInfo, validate_clips
 
 SHOWN_PATHS = 5
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(InputError, ValueError):
     """A dataset folder is not laid out the way its adapter expects."""
 
 

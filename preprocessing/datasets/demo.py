@@ -37,6 +37,7 @@ import numpy as np
 from preprocessing.datasets._layout import LayoutChecker, block_fold, finish
 from preprocessing.datasets.demo_faces import random_look, random_motion, render_frames
 from preprocessing.datasets.demo_speech import SENTENCES, random_voice, synthesise
+from preprocessing.fileio import atomic_path, atomic_write_text
 from preprocessing.manifest import ClipRecord, DatasetInfo
 
 NAME = "demo"
@@ -88,8 +89,7 @@ def write_mp4(path: Path, frames: list[np.ndarray], audio: np.ndarray, rate: int
     """Encode RGB frames (h264, yuv420p, ``FPS``) and mono float audio (aac) into one mp4, atomically."""
     import av
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with av.open(str(tmp), "w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
         video = container.add_stream("libx264", rate=FPS, options={"preset": "veryfast", "crf": "20"})
         video.height, video.width = frames[0].shape[:2]
         video.pix_fmt = "yuv420p"
@@ -103,7 +103,6 @@ def write_mp4(path: Path, frames: list[np.ndarray], audio: np.ndarray, rate: int
             piece.sample_rate, piece.pts = rate, start
             container.mux(sound.encode(piece))
         container.mux(sound.encode())
-    os.replace(tmp, path)
 
 
 def render_clip(plan: ClipPlan, seed: int, out_dir: Path) -> None:
@@ -137,7 +136,7 @@ def generate_demo(out_dir: Path, seed: int = 0, speakers: int = 10, clips_per_sp
     else:
         for job in jobs:
             _render_star(job)
-    (out_dir / LABEL_FILE).write_text(labels_csv(plans), encoding="utf-8")
+    atomic_write_text(out_dir / LABEL_FILE, labels_csv(plans))
     return plans
 
 

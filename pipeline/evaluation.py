@@ -1,0 +1,117 @@
+"""Evaluating a fine-tuned model on labelled clips: per-clip outputs over views, scores, and the test files.
+
+``clip_outputs`` runs a model over an evaluation loader (one or more temporal views per clip) and averages
+each clip's outputs; ``score`` turns them into the dataset's metrics; ``test_files`` evaluates a fold's test
+clips with the last and the best weights and returns the files a fold keeps (``layout.FOLD_RESULT_FILES``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import torch
+
+from preprocessing.manifest import DatasetInfo
+
+from .layout import EMBEDDINGS_FILE, TEST_METRICS_FILE, predictions_file
+from .metrics import classification_metrics, regression_metrics
+from .training import autocast, unwrap
+
+
+def model_inputs(net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(video, audio) for the model's modalities; None for a modality the model does not use."""
+    modalities = unwrap(net).modalities
+    return (batch["video"] if "video" in modalities else None, batch["audio"] if "audio" in modalities else None)
+
+
+@torch.no_grad()
+def clip_outputs(net: torch.nn.Module, loader, device: torch.device, task: str,
+                 embeddings: bool = False) -> dict[str, np.ndarray]:
+    """Per-clip outputs averaged over views: softmax probabilities (classification) or raw outputs.
+
+    Returns ``clip_id`` (sorted), ``truth`` (labels or target vectors) and ``output`` (N, K); with
+    ``embeddings``, also the clip embeddings of the same forward pass, averaged over views, under
+    ``embedding/<name>``: ``video`` and ``audio`` (each modality's hierarchical clip embedding) and ``fused``
+    (the head's input).
+    """
+    net.eval()
+    model = unwrap(net)  # rank 0 evaluates alone: no DDP collectives
+    sums: dict[str, dict[str, np.ndarray]] = {}
+    counts: dict[str, int] = {}
+    truth: dict[str, object] = {}
+    for batch in loader:
+        tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with autocast(device):
+            features = model.forward_features(*model_inputs(net, tensors))
+            out = model.head_output(features).float()
+        values = {"output": out.softmax(-1) if task == "classification" else out}
+        if embeddings:
+            values.update({f"embedding/{m}": e for m, e in features.weighted.items()})
+            values["embedding/fused"] = features.embedding
+        values = {name: v.float().cpu().numpy() for name, v in values.items()}  # name -> (B, ...)
+        for i, clip_id in enumerate(batch["clip_id"]):
+            clip = sums.setdefault(clip_id, dict.fromkeys(values, 0))
+            for name, value in values.items():
+                clip[name] = clip[name] + value[i]
+            counts[clip_id] = counts.get(clip_id, 0) + 1
+            truth[clip_id] = batch["label"][i].item() if task == "classification" else batch["targets"][i].numpy()
+    if not sums:
+        raise ValueError("the evaluation loader produced no clip")
+    ids = sorted(sums)
+    result = {"clip_id": np.array(ids), "truth": np.array([truth[c] for c in ids])}
+    for name in sums[ids[0]]:
+        result[name] = np.stack([sums[c][name] / counts[c] for c in ids])
+    return result
+
+
+def score(outputs: dict, info: DatasetInfo) -> dict:
+    """The dataset's metrics of ``clip_outputs``."""
+    if info.task == "classification":
+        return classification_metrics(outputs["truth"], outputs["output"], info.classes)
+    return regression_metrics(outputs["truth"], outputs["output"], info.targets)
+
+
+def embeddings_npz(outputs: dict) -> bytes:
+    """The clip embeddings of ``clip_outputs(..., embeddings=True)`` as an .npz: ``clip_id``, ``truth`` (labels or
+    targets) and one (N, C) float32 array per embedding (``video``, ``audio``, ``fused``)."""
+    arrays = {name.removeprefix("embedding/"): value.astype(np.float32) for name, value in outputs.items()
+              if name.startswith("embedding/")}
+    buffer = io.BytesIO()
+    np.savez(buffer, clip_id=outputs["clip_id"], truth=outputs["truth"], **arrays)
+    return buffer.getvalue()
+
+
+def predictions_csv(outputs: dict, info: DatasetInfo) -> bytes:
+    """One row per clip: id, truth, prediction, and the per-class probabilities (or per-target outputs)."""
+    names = info.classes if info.task == "classification" else info.targets
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["clip_id", "truth", "prediction", *names])
+    for clip_id, truth, output in zip(outputs["clip_id"], outputs["truth"], outputs["output"], strict=True):
+        if info.task == "classification":
+            writer.writerow([clip_id, int(truth), names[int(np.argmax(output))], *np.round(output, 6)])
+        else:
+            writer.writerow([clip_id, " ".join(f"{t:g}" for t in truth), " ".join(f"{o:.6g}" for o in output),
+                             *np.round(output, 6)])
+    return buffer.getvalue().encode()
+
+
+def test_files(net: torch.nn.Module, best: dict, loader, device: torch.device, info: DatasetInfo) -> dict[str, bytes]:
+    """Evaluate the test clips with the last and the ``best`` weights (``best["model"]``, ``best["epoch"]``):
+    predictions CSVs, a metrics JSON and the best weights' clip embeddings. The net keeps its last weights."""
+    model = unwrap(net)
+    files, results = {}, {}
+    last_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, weights in (("last", last_weights), ("best", best["model"])):
+        model.load_state_dict(weights)
+        outputs = clip_outputs(net, loader, device, info.task, embeddings=name == "best")
+        results[name] = score(outputs, info)
+        files[predictions_file(name)] = predictions_csv(outputs, info)
+    files[EMBEDDINGS_FILE] = embeddings_npz(outputs)
+    model.load_state_dict(last_weights)
+    results["best_epoch"] = best["epoch"]
+    files[TEST_METRICS_FILE] = json.dumps(results, indent=2, default=float).encode()
+    return files

@@ -1,0 +1,175 @@
+"""The epoch loop both training stages share, run by every Ray Train worker (``fit``).
+
+A stage says what differs in a ``TrainingTask``: its model, its training data, one optimisation step, what
+it measures at the end of an epoch (fine-tuning: validation), what it adds to a checkpoint and which files
+its last checkpoint carries. ``fit`` does the rest the same way for both: seeding, DDP, resuming from the
+last checkpoint, the per-step learning rate, throughput, the per-epoch history and MLflow metrics, and the
+checkpoints (through ``raytrain.report_epoch``).
+
+Exact resume: every epoch's random draws (dropout, drop path, mixup, the data's shuffles, windows and
+augmentations) derive from (seed, rank, epoch) alone, so a run resumed from a checkpoint draws exactly what
+the uninterrupted run would have, on every rank.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import raytrain
+from .config import OptimSettings
+from .history import history_csv
+from .layout import HISTORY_FILE
+from .optim import LrSchedule, build_optimizer, set_lr, steps_per_epoch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> np.random.Generator:
+    """Seed Python, NumPy and torch for one epoch of one rank; returns a generator for the loop's own draws."""
+    sequence = np.random.SeedSequence([seed, rank, epoch])
+    seed_everything(int(sequence.generate_state(1, np.uint64)[0]))
+    return np.random.default_rng(sequence)
+
+
+def autocast(device: torch.device, precision: str | None = None):
+    """``precision`` "bf16" (autocast) or "fp32"; None: bf16 on GPU, float32 on CPU (bf16 matmuls are slow on
+    most CPUs)."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel, if wrapped."""
+    return net.module if hasattr(net, "module") else net
+
+
+def batches(loader, count: int) -> Iterator[dict]:
+    """Exactly ``count`` batches, re-iterating the loader when a rank's share runs out (keeps DDP in step)."""
+    produced = 0
+    while produced < count:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            produced += 1
+            if produced == count:
+                return
+        if empty:
+            raise RuntimeError("the data loader produced no batch: too few clips for this batch size and rank")
+
+
+class TrainingTask:
+    """What a training stage tells ``fit``. Subclasses set ``settings`` (seed, epochs, batch_size, optim) and
+    ``tracker`` (an MLflow ``RunLogger`` or None) and implement ``build_model``, ``train_data`` and
+    ``train_step``; the other hooks are optional."""
+
+    loss_names: tuple[str, ...] = ("loss",)
+    settings = None
+    tracker = None
+
+    def build_model(self, rank: int) -> nn.Module:
+        raise NotImplementedError
+
+    def train_data(self, rank: int, world_size: int) -> tuple[object, object, int]:
+        """(dataset with ``set_epoch``, its DataLoader, the number of training clips in the whole run)."""
+        raise NotImplementedError
+
+    def train_step(self, net: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+                   rng: np.random.Generator) -> torch.Tensor:
+        """One optimisation step on a batch on the device; the detached (len(loss_names),) losses."""
+        raise NotImplementedError
+
+    def evaluate(self, net: nn.Module, device: torch.device, epoch: int) -> dict:
+        """Rank 0, after each epoch's training: metrics to add to the epoch's (e.g. ``val/...``)."""
+        return {}
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        """Whether rank 0 checkpoints after ``epoch`` (the last epoch always is)."""
+        return True
+
+    def state(self) -> dict:
+        """The task's own state, saved in every checkpoint (merged into ``state.pt``)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Take back the task's own state from a restored checkpoint."""
+
+    def final_files(self, net: nn.Module, device: torch.device) -> dict[str, bytes]:
+        """Rank 0, after the last epoch: result files to put into the last checkpoint."""
+        return {}
+
+
+def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader, *, step: Callable, epoch: int,
+                    schedule: LrSchedule, loss_names: tuple[str, ...], device: torch.device,
+                    global_batch: int) -> dict:
+    """``schedule.steps_per_epoch`` optimizer steps; returns the epoch's mean losses, last lr and throughput."""
+    net.train()
+    sums = torch.zeros(len(loss_names), device=device)  # summed on the device: no host sync per step
+    began = time.perf_counter()
+    for index, batch in enumerate(batches(loader, schedule.steps_per_epoch)):
+        set_lr(optimizer, schedule.at(epoch, index))
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        sums += step(net, batch, optimizer)
+    seconds = time.perf_counter() - began
+    means = {f"train/{name}": total / schedule.steps_per_epoch
+             for name, total in zip(loss_names, sums.tolist(), strict=True)}
+    return {"epoch": epoch, **means, "lr": optimizer.param_groups[0]["lr"],
+            "samples_per_s": schedule.steps_per_epoch * global_batch / seconds}
+
+
+def fit(task: TrainingTask) -> None:
+    """Train ``task`` on this Ray Train worker from its last checkpoint (if any) to its last epoch."""
+    settings = task.settings
+    rank, world, device = raytrain.worker_context()
+    seed_everything(settings.seed + rank)
+    net = raytrain.prepare_model(task.build_model(rank))
+    model = unwrap(net)
+    optimizer = build_optimizer(model, settings.optim)
+    tracker = task.tracker if rank == 0 else None
+    restored = raytrain.restore_checkpoint(model, optimizer, tracker) or {}
+    task.load_state(restored)
+    history = restored.get("history", [])  # rank 0's per-epoch metrics, kept in the checkpoints
+    dataset, loader, num_clips = task.train_data(rank, world)
+    schedule = plan_schedule(settings.optim, epochs=settings.epochs, num_clips=num_clips,
+                             batch_size=settings.batch_size, world_size=world)
+
+    for epoch in range(restored.get("epoch", -1) + 1, settings.epochs):
+        rng = seed_epoch(settings.seed, rank, epoch)
+        dataset.set_epoch(epoch)
+        metrics = train_one_epoch(net, optimizer, loader, epoch=epoch, schedule=schedule,
+                                  step=partial(task.train_step, rng=rng),
+                                  loss_names=task.loss_names, device=device, global_batch=settings.batch_size * world)
+        state = files = None
+        if rank == 0:
+            metrics |= task.evaluate(net, device, epoch)
+            history.append(metrics)
+            if tracker:
+                tracker.log_epoch(metrics, epoch)
+            last = epoch == settings.epochs - 1
+            if last or task.checkpoint_due(epoch):
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "history": history, "config": model.cfg.to_dict(), **task.state()}
+            if last:
+                files = {**task.final_files(net, device), HISTORY_FILE: history_csv(history)}
+        raytrain.report_epoch(metrics, state, files)
+
+
+def plan_schedule(optim: OptimSettings, *, epochs: int, num_clips: int, batch_size: int,
+                  world_size: int) -> LrSchedule:
+    """The run's lr schedule: whole global batches per epoch, lr scaled by the global batch (as the reference)."""
+    return LrSchedule.for_run(optim, epochs=epochs, steps_per_epoch=steps_per_epoch(num_clips, batch_size, world_size),
+                              global_batch=batch_size * world_size)
