@@ -34,13 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import FinetuneSettings, PretrainSettings  # noqa: E402
 from pipeline.data import (  # noqa: E402
     ClipWindows,
     finetune_train_examples,
     make_loader,
     pretrain_examples,
 )
+from pipeline.settings import FinetuneSettings, PretrainSettings  # noqa: E402
 from preprocessing.shards import META_FIELD, ClipSample, encode_sample, list_shards, write_shard  # noqa: E402
 
 FPS, FBANK_RATE, SIDE = 25, 100, 160

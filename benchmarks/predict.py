@@ -25,6 +25,7 @@ from model import HiCMAEClassifier, get_config  # noqa: E402
 from pipeline.config import PROJECT_ROOT, load_params  # noqa: E402
 from pipeline.export import export_model  # noqa: E402
 from pipeline.predict import predict  # noqa: E402
+from pipeline.settings import training_params  # noqa: E402
 from preprocessing.manifest import DatasetInfo  # noqa: E402
 
 CLASSES = ["neutral", "happy", "angry", "sad"]
@@ -32,8 +33,8 @@ CLASSES = ["neutral", "happy", "angry", "sad"]
 
 def build_model(name: str, folder: Path) -> Path:
     """Export a randomly initialised classifier: the demo model of params.yaml, or a registered size."""
-    cfg = load_params(PROJECT_ROOT / "params.yaml").finetune.model.build_config() if name == "demo" else \
-        get_config(name)
+    params = training_params(load_params(PROJECT_ROOT / "params.yaml"))
+    cfg = params.finetune.model.build_config() if name == "demo" else get_config(name)
     info = DatasetInfo(name="benchmark", task="classification", root=str(folder), classes=CLASSES)
     return export_model(HiCMAEClassifier(cfg, len(CLASSES)).state_dict(), cfg, info, {}, None, folder / "model")
 

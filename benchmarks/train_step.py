@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import HiCMAEClassifier, HiCMAEConfig, HiCMAEPretrain, random_mask, tube_mask  # noqa: E402
 from pipeline import finetune, pretrain  # noqa: E402
-from pipeline.config import FinetuneSettings, ModelSettings, PretrainSettings  # noqa: E402
 from pipeline.optim import build_optimizer, scaled_lrs, set_lr  # noqa: E402
+from pipeline.settings import FinetuneSettings, ModelSettings, PretrainSettings  # noqa: E402
 from preprocessing.manifest import DatasetInfo  # noqa: E402
 
 STAGES = ("pretrain", "finetune")

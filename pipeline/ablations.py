@@ -18,7 +18,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import PROJECT_ROOT, Strict, _validate, load_params, read_yaml
+from .config import PROJECT_ROOT, Strict, load_params, read_yaml, validate
+from .settings import training_params
 
 ABLATIONS_FILE = PROJECT_ROOT / "conf" / "ablations.yaml"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # usable as a DVC experiment (git ref) name
@@ -40,7 +41,7 @@ def load_ablations(path: str | Path = ABLATIONS_FILE) -> dict[str, Ablation]:
     if bad:
         raise ValueError(f"{path}: ablation name(s) {', '.join(map(str, bad))} are not usable as experiment names "
                          "(letters, digits, '_', '.', '-')")
-    return {name: _validate(Ablation, entry, f"{path}: {name}") for name, entry in tree.items()}
+    return {name: validate(Ablation, entry, f"{path}: {name}") for name, entry in tree.items()}
 
 
 def overrides(name: str, ablation: Ablation) -> list[str]:
@@ -66,7 +67,7 @@ def check_ablations(ablations: dict[str, Ablation], params_path: str | Path) -> 
             raise ValueError(f"ablation {name}: {', '.join(missing)} not in {params_path} "
                              "(dvc exp run -S changes existing keys only)")
         try:
-            load_params(params_path, overrides(name, ablation))
+            training_params(load_params(params_path, overrides(name, ablation)))
         except ValueError as err:
             raise ValueError(f"ablation {name}: {err}") from None
 
@@ -103,3 +104,14 @@ def launch(ablations: dict[str, Ablation], queue: bool, params_path: str | Path 
         subprocess.run(command, cwd=Path(params_path).parent, check=True)
     if queue:
         print("queued; run them with: dvc exp run --run-all (or dvc queue start)")
+
+
+def ablations_command(args) -> int:
+    """``hicmae ablations [--run | --queue] [NAME ...]``: list the ablations, or run or queue them."""
+    chosen = select(args.names)
+    if args.run or args.queue:
+        launch(chosen, queue=args.queue)
+    else:
+        print(describe(chosen))
+    return 0
+

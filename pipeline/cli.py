@@ -19,21 +19,25 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 
 from preprocessing.errors import InputError
 
 from .config import PROJECT_ROOT, load_params
 
-# Each stage command's module and function. A command imports only its own module, when it runs, so the code a
-# DVC stage runs (what it must depend on) is that module's import closure: tests/test_wiring.py checks dvc.yaml.
-STAGE_COMMANDS = {
+# Each command's module and function, imported when the command runs and not before: the code a DVC stage runs
+# (what it must depend on) is this module's imports plus its command's module's (tests/test_wiring.py checks
+# dvc.yaml against them). Stage functions take the loaded params (and the dataset); the others the arguments.
+COMMANDS = {
     "manifest": ("pipeline.prepare", "stage_manifest"),
     "preprocess": ("pipeline.prepare", "stage_preprocess"),
     "pretrain": ("pipeline.pretrain", "stage_pretrain"),
     "finetune": ("pipeline.folds", "stage_finetune"),
     "report": ("pipeline.report", "stage_report"),
+    "predict": ("pipeline.predict", "predict_command"),
+    "export": ("pipeline.export", "export_command"),
+    "ablations": ("pipeline.ablations", "ablations_command"),
 }
+STAGES = ("manifest", "preprocess", "pretrain", "finetune", "report")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,72 +77,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    module, function = COMMANDS[args.command]
     try:
-        if args.command == "predict":
-            return _predict(args)
-        if args.command == "ablations":
-            return _ablations(args)
-        params = load_params(args.params, args.overrides)
-        if args.command == "export":
-            return _export(args, params)
-        return _stage(args, params)
+        params = load_params(args.params, args.overrides) if args.command in STAGES else None
+        command = getattr(importlib.import_module(module), function)  # heavy imports (Ray, MLflow) only now
+        if params is None:
+            return command(args)
+        result = command(params, args.dataset) if "dataset" in args else command(params)
     except InputError as err:
         print(f"hicmae: error: {err}", file=sys.stderr)
         return 1
-
-
-def _stage(args: argparse.Namespace, params) -> int:
-    """Run a stage command (``STAGE_COMMANDS``) and print its result."""
-    module, function = STAGE_COMMANDS[args.command]
-    stage = getattr(importlib.import_module(module), function)  # heavy imports (Ray, MLflow) only now
-    result = stage(params, args.dataset) if hasattr(args, "dataset") else stage(params)
     if args.command == "pretrain":
         print(json.dumps(result, indent=2))
     elif args.command == "finetune":
         print(json.dumps(result["best"], indent=2, default=float))
     elif args.command == "report":
         print(result)
-    return 0
-
-
-def _ablations(args: argparse.Namespace) -> int:
-    from . import ablations
-
-    chosen = ablations.select(args.names)
-    if args.run or args.queue:
-        ablations.launch(chosen, queue=args.queue)
-    else:
-        print(ablations.describe(chosen))
-    return 0
-
-
-def _export(args: argparse.Namespace, params) -> int:
-    from .export import export_fold
-
-    try:
-        print(f"exported -> {export_fold(args.dataset, params, args.fold, args.checkpoint, args.out)}")
-    except (FileNotFoundError, ValueError) as err:
-        print(f"hicmae export: error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _predict(args: argparse.Namespace) -> int:
-    """``hicmae predict``: a short summary on stdout, the JSON in a file; a bad input is one line on stderr."""
-    from preprocessing.decode import MediaError
-
-    from .predict import names_option, predict, summary_text
-
-    out = args.out or f"{Path(args.video).name}.prediction.json"
-    try:
-        classes, targets = names_option(args.classes, args.targets)
-        result = predict(args.video, args.model, out, args.preview, size=args.size, classes=classes,
-                         targets=targets, device=args.device)
-    except (MediaError, FileNotFoundError, ValueError) as err:
-        print(f"hicmae predict: error: {err}", file=sys.stderr)
-        return 1
-    print(summary_text(result))
-    print(f"wrote {out}" + (f" and {args.preview}" if args.preview else ""))
     return 0
 
 

@@ -21,7 +21,7 @@ from preprocessing.fbank import fbank_to_model_input
 from preprocessing.shards import META_FIELD, ClipSample, decode_sample, fbank_window
 
 from .augment import AugmentConfig, eval_video_transform, train_video_transform
-from .config import WindowSettings
+from .settings import WindowSettings
 
 PRETRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)
 

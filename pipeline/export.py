@@ -15,6 +15,7 @@ The fine-tuning stage exports every fold's best-epoch weights to ``runs/<dataset
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from preprocessing.fileio import atomic_path, atomic_write_text, sha256_file, wr
 from preprocessing.manifest import DatasetInfo, read_manifest
 from preprocessing.settings import PreprocessSettings
 
-from .config import WindowSettings, finetune_settings_for, load_dataset_config
+from .config import load_dataset_config, load_params
 from .layout import CHECKPOINT_STATE, TEST_METRICS_FILE, Layout, require
+from .settings import WindowSettings, finetune_settings_for, training_params
 
 FORMAT = "hicmae-finetuned/1"
 WEIGHTS_FILE, CARD_FILE, README_FILE = "model.safetensors", "model_card.json", "README.md"
@@ -200,8 +202,20 @@ def export_fold(dataset: str, params, fold: int | None = None, checkpoint: str |
     info, _ = read_manifest(require(data.manifest, f"run `hicmae manifest --dataset {dataset}` first"))
     if checkpoint is None:
         checkpoint = newest_checkpoint(layout.ray_results, f"finetune-{info.name}-fold{fold}")
-    settings = finetune_settings_for(params, load_dataset_config(dataset))
+    settings = finetune_settings_for(training_params(params), load_dataset_config(dataset))
     return export_checkpoint(checkpoint, info, out_dir or layout.finetune(dataset).fold(fold).model,
                              data_hash=hash_directory(data.processed) if data.processed.is_dir() else None,
                              name=f"{info.name}-fold{fold}" if fold else info.name, window=settings.window,
                              preprocess=params.preprocess)
+
+
+def export_command(args) -> int:
+    """``hicmae export``: the path written, or one line on stderr."""
+    try:
+        params = load_params(args.params, args.overrides)
+        print(f"exported -> {export_fold(args.dataset, params, args.fold, args.checkpoint, args.out)}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"hicmae export: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+

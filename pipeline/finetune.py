@@ -18,11 +18,11 @@ from model import HiCMAEClassifier, load_reference_weights
 from preprocessing.manifest import DatasetInfo
 
 from .augment import label_smoothing_cross_entropy, mixup_cutmix, soft_target_cross_entropy
-from .config import FinetuneSettings
 from .data import ClipWindows, finetune_eval_examples, finetune_train_examples, make_loader
 from .evaluation import clip_outputs, model_inputs, score, test_files
 from .metrics import selection_metric
 from .optim import optimizer_step
+from .settings import FinetuneSettings
 from .training import TrainingTask, autocast, fit, unwrap
 
 SHUFFLE_BUFFER = 64  # examples

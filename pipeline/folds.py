@@ -23,12 +23,13 @@ from preprocessing.manifest import ClipRecord, DatasetInfo, read_manifest, split
 from preprocessing.shards import list_shards
 
 from . import raytrain, tracking
-from .config import FinetuneSettings, Params, finetune_settings_for, load_dataset_config
+from .config import DataParams, load_dataset_config
 from .export import export_checkpoint
 from .finetune import finetune_worker
 from .layout import FOLD_RESULT_FILES, HISTORY_FILE, PREDICTION_EPOCHS, FinetuneRun, Layout, require
 from .metrics import aggregate_folds, selection_metric
 from .plots import confusion_matrix_figure, save_figure
+from .settings import FinetuneSettings, Params, finetune_settings_for, training_params
 
 
 def fold_splits(clips: list[ClipRecord], fold: int, settings: FinetuneSettings) -> dict[str, list[str]]:
@@ -74,9 +75,10 @@ def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, datase
                                for epoch in ("last", "best")}}
 
 
-def stage_finetune(params: Params, dataset: str) -> dict:
+def stage_finetune(params: DataParams, dataset: str) -> dict:
     """``hicmae finetune --dataset D``: all folds of one dataset; a parent MLflow run with the fold mean/std, one
     nested run per fold."""
+    params = training_params(params)
     settings = finetune_settings_for(params, load_dataset_config(dataset))
     layout = Layout.current()
     data, out = layout.data(dataset), layout.finetune(dataset)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import OptimSettings
+from .settings import OptimSettings
 
 NO_DECAY_NAMES = ("mask_token", "mask_token_audio")
 

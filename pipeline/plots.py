@@ -1,14 +1,12 @@
 """Figures for runs and reports: confusion matrix, training curves, 2-D embedding maps; atomic PNG writing.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, rendered by the Agg backend), so they are
-safe in worker processes and are freed when dropped. Log one with ``pipeline.tracking.log_figure`` or write it
-with ``save_figure``.
+safe in worker processes and are freed when dropped. ``save_figure`` writes one as a PNG (then
+``mlflow.log_artifact`` logs the file).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +16,8 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
+
+from preprocessing.fileio import atomic_path
 
 DPI = 100
 SMALL_TSNE = 1000  # points: t-SNE below this size runs on one thread
@@ -142,16 +142,6 @@ def embedding_maps_figure(maps: Mapping[str, np.ndarray], labels, class_names: S
     return fig
 
 
-def embedding_figure(embeddings, labels, class_names: Sequence[str] | None, method: str = "tsne", seed: int = 0,
-                     title: str | None = None, value_name: str = "value") -> Figure:
-    """Scatter map of (N, D) clip embeddings projected to 2-D, coloured as in ``embedding_maps_figure``."""
-    fig = embedding_maps_figure({"Clip embeddings": embeddings}, labels, class_names, method, seed,
-                                value_name=value_name)
-    if title:
-        fig.axes[0].set_title(title)
-    return fig
-
-
 def _scatter(fig: Figure, ax, points: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None,
              value_name: str) -> None:
     """(N, 2) points on ``ax``: one colour per class with a legend, or a colour map with a colour bar."""
@@ -178,14 +168,6 @@ def _class_colours(count: int) -> list:
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically (a temporary file in the same folder, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)

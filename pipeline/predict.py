@@ -42,9 +42,9 @@ from preprocessing.fileio import atomic_path, atomic_write_text
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample, encode_sample
 
-from .config import WindowSettings
 from .data import collate, finetune_eval_examples, window_starts
 from .export import load_exported, output_names
+from .settings import WindowSettings
 
 PREVIEW_SUFFIXES = (".png", ".mp4")
 BATCH_SIZE = 8
@@ -358,3 +358,19 @@ def preview_mp4(path: Path, media: ClipMedia, result: dict) -> Path:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
     return path
+
+
+def predict_command(args) -> int:
+    """``hicmae predict``: a short summary on stdout, the JSON in a file; a bad input is one line on stderr."""
+    out = args.out or f"{Path(args.video).name}.prediction.json"
+    try:
+        classes, targets = names_option(args.classes, args.targets)
+        result = predict(args.video, args.model, out, args.preview, size=args.size, classes=classes,
+                         targets=targets, device=args.device)
+    except (MediaError, FileNotFoundError, ValueError) as err:
+        print(f"hicmae predict: error: {err}", file=sys.stderr)
+        return 1
+    print(summary_text(result))
+    print(f"wrote {out}" + (f" and {args.preview}" if args.preview else ""))
+    return 0
+

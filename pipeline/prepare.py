@@ -14,11 +14,11 @@ from preprocessing.run import preprocess
 from preprocessing.shards import STATUS_FILE
 
 from . import tracking
-from .config import Params, load_dataset_config
+from .config import DataParams, load_dataset_config
 from .layout import Layout, require
 
 
-def stage_manifest(params: Params, dataset: str) -> Path:
+def stage_manifest(params: DataParams, dataset: str) -> Path:
     """Run the dataset's adapter on its folder (``params.datasets[dataset].root``)."""
     config = load_dataset_config(dataset)
     info, clips = build_manifest(config.adapter, params.dataset_root(dataset))
@@ -27,7 +27,7 @@ def stage_manifest(params: Params, dataset: str) -> Path:
     return path
 
 
-def stage_preprocess(params: Params, dataset: str) -> dict:
+def stage_preprocess(params: DataParams, dataset: str) -> dict:
     """Preprocess the dataset's manifest into shards; the run logs the summary and the per-clip status table."""
     data = Layout.current().data(dataset)
     require(data.manifest, f"run `hicmae manifest --dataset {dataset}` first")

@@ -22,10 +22,11 @@ from preprocessing.fileio import atomic_path, atomic_write_bytes, write_json
 from preprocessing.shards import list_shards
 
 from . import raytrain, tracking
-from .config import Params, PretrainSettings
+from .config import DataParams
 from .data import ClipWindows, make_loader, pretrain_examples
 from .layout import HISTORY_FILE, Layout, require
 from .optim import optimizer_step
+from .settings import Params, PretrainSettings, training_params
 from .training import TrainingTask, autocast, fit
 
 LOSS_KEYS = ("loss", "loss_video", "loss_audio", "loss_contrastive")
@@ -95,8 +96,9 @@ def run_pretrain(params: Params, layout: Layout, tracker=None, loader_workers: i
     return metrics
 
 
-def stage_pretrain(params: Params) -> dict:
+def stage_pretrain(params: DataParams) -> dict:
     """``hicmae pretrain``: the run above, tracked as the MLflow run ``pretrain-<dataset>``."""
+    params = training_params(params)
     layout = Layout.current()
     dataset = params.pretrain.dataset
     processed = require(layout.data(dataset).processed, f"run `hicmae preprocess --dataset {dataset}` first")

@@ -18,8 +18,8 @@ import torch
 
 from preprocessing.ray_runtime import start_ray
 
-from .config import ScalingSettings
 from .layout import CHECKPOINT_STATE
+from .settings import ScalingSettings
 
 
 def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,

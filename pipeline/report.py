@@ -28,7 +28,7 @@ import numpy as np
 from preprocessing.fileio import atomic_write_bytes, atomic_write_text, write_json
 
 from . import tracking
-from .config import Params
+from .config import DataParams
 from .history import history_csv, read_history
 from .layout import FinetuneRun, Layout, PretrainRun, require
 from .plots import confusion_matrix_figure, embedding_maps_figure, save_figure, training_curves_figure
@@ -238,7 +238,7 @@ def write_report(datasets: Iterable[str], layout: Layout) -> dict:
     return {"rows": rows, "markdown": markdown, "plots": plots}
 
 
-def stage_report(params: Params) -> str:
+def stage_report(params: DataParams) -> str:
     """``hicmae report``: reports/ for every dataset in params.yaml, all logged to the MLflow run ``report``."""
     layout = Layout.current()
     out = layout.reports

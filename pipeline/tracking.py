@@ -2,7 +2,7 @@
 
     with start_stage_run("finetune", config, experiment="crema_d", run_name="fold1", data_hash=h) as run:
         log_metrics({"val": metrics}, step=epoch)
-        log_figure(confusion_matrix_figure(cm, classes), "plots/confusion.png")
+        log_table(rows, "predictions.csv")
 
 Where runs go: ``MLFLOW_TRACKING_URI`` when set (a shared ``mlflow server`` on a cluster), otherwise the SQLite
 file ``<project>/mlflow.db``. With a local store, artifacts of experiment ``<name>`` go to
@@ -228,15 +228,6 @@ def _staged(artifact_file: str) -> Iterator[Path]:
         mlflow.log_artifact(str(local), artifact_path=None if folder == "." else folder)
 
 
-def log_figure(figure, artifact_file: str) -> None:
-    """Log a matplotlib Figure, or an image file given by path, as ``artifact_file`` (e.g. "plots/cm.png")."""
-    if isinstance(figure, str | os.PathLike):
-        with _staged(artifact_file) as local:
-            local.write_bytes(Path(figure).read_bytes())
-    else:
-        mlflow.log_figure(figure, artifact_file)
-
-
 def log_table(rows: list[Mapping], artifact_file: str) -> None:
     """Log rows of dicts as a CSV artifact; the columns are the keys in order of first appearance."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -244,11 +235,6 @@ def log_table(rows: list[Mapping], artifact_file: str) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-
-
-def log_dict_json(data, artifact_file: str) -> None:
-    """Log data as a JSON artifact; numpy values become numbers and lists, other objects (paths) strings."""
-    mlflow.log_text(json.dumps(data, indent=2, default=_to_json), artifact_file)
 
 
 @dataclasses.dataclass

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from . import raytrain
-from .config import OptimSettings
 from .history import history_csv
 from .layout import HISTORY_FILE
 from .optim import LrSchedule, build_optimizer, set_lr, steps_per_epoch
+from .settings import OptimSettings
 
 
 def seed_everything(seed: int) -> None:

@@ -62,11 +62,6 @@ def _frames(waveform: np.ndarray) -> np.ndarray:
     return view[: count * FRAME_SHIFT : FRAME_SHIFT]
 
 
-def num_fbank_frames(num_samples: int) -> int:
-    """Number of fbank frames for ``num_samples`` samples at 16 kHz (0 when shorter than one frame)."""
-    return 0 if num_samples < FRAME_LENGTH else 1 + (num_samples - FRAME_LENGTH) // FRAME_SHIFT
-
-
 def log_mel_fbank(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Reference log-mel features of a mono waveform.
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import FinetuneSettings, PretrainSettings
 from pipeline.data import ClipWindows, finetune_eval_examples, finetune_train_examples, pretrain_examples
+from pipeline.settings import FinetuneSettings, PretrainSettings
 from preprocessing.shards import PackedFrames, decode_frames, encode_frames, iter_shards, list_shards
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

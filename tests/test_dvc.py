@@ -22,6 +22,7 @@ from test_pipeline import TINY_MODEL
 
 from pipeline.ablations import check_ablations, load_ablations, overrides
 from pipeline.config import PROJECT_ROOT, load_params
+from pipeline.settings import training_params
 
 VENV_BIN = Path(sys.executable).parent
 DATASET = "demo"
@@ -40,14 +41,14 @@ def test_every_ablation_validates_and_dvc_set_param_changes_only_its_section(tmp
     assert {"no_skip", "no_contrastive", "contrastive_0.1", "last_layer", "audio_only", "video_only"} <= set(ablations)
     params_file = PROJECT_ROOT / "params.yaml"
     check_ablations(ablations, params_file)
-    baseline = load_params(params_file)
+    baseline = training_params(load_params(params_file))
     for name, ablation in ablations.items():
         edited = tmp_path / name / "params.yaml"
         edited.parent.mkdir()
         shutil.copyfile(params_file, edited)
         apply_overrides(str(edited), overrides(name, ablation))
-        params = load_params(edited)
-        assert params == load_params(params_file, overrides(name, ablation)), name
+        params = training_params(load_params(edited))
+        assert params == training_params(load_params(params_file, overrides(name, ablation))), name
         assert params.variant == name and ablation.paper
         if ablation.first_stage() == "finetune":
             assert params.pretrain == baseline.pretrain, name

@@ -8,7 +8,6 @@ from pipeline.plots import (
     DPI,
     as_history,
     confusion_matrix_figure,
-    embedding_figure,
     embedding_maps_figure,
     project_2d,
     save_figure,
@@ -70,7 +69,7 @@ def test_embedding_png(tmp_path, num_points, method):
     rng = np.random.default_rng(0)
     labels = np.arange(num_points) % 3
     embeddings = rng.normal(size=(num_points, 16)) + 5 * labels[:, None]
-    fig = embedding_figure(embeddings, labels, CLASSES[:3], method=method)
+    fig = embedding_maps_figure({"Clip embeddings": embeddings}, labels, CLASSES[:3], method=method)
     used = "t-SNE" if method == "tsne" and num_points >= 8 else "PCA"
     assert used in fig.axes[0].get_title()
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == CLASSES[:3]

@@ -16,10 +16,10 @@ from media import speech_wav, write_clip
 from PIL import Image
 
 from model import HiCMAEClassifier, get_config
-from pipeline.config import WindowSettings
 from pipeline.data import collate, finetune_eval_examples
 from pipeline.export import CARD_FILE, README_FILE, WEIGHTS_FILE, export_checkpoint, export_model, load_exported
 from pipeline.predict import load_model, names_option, predict
+from pipeline.settings import WindowSettings
 from preprocessing.clip import process_clip
 from preprocessing.datasets import demo
 from preprocessing.decode import MediaError

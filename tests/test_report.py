@@ -22,11 +22,12 @@ from mlflow_server import mlflow_server  # noqa: F401
 
 import model
 from pipeline import evaluation, folds, layout, report
-from pipeline.config import DatasetEntry, Params
+from pipeline.config import DatasetEntry
 from pipeline.evaluation import clip_outputs
 from pipeline.history import history_csv, read_history
 from pipeline.metrics import aggregate_folds
 from pipeline.plots import embedding_maps_figure
+from pipeline.settings import Params
 from preprocessing.fileio import write_json
 from preprocessing.manifest import DatasetInfo
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 
 import mlflow
-import numpy as np
 import pytest
 import yaml
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -18,8 +17,6 @@ from pipeline.tracking import (
     flatten,
     git_commit,
     hash_directory,
-    log_dict_json,
-    log_figure,
     log_metrics,
     log_table,
     start_stage_run,
@@ -61,7 +58,7 @@ def project(tmp_path_factory):
 
 
 def log_stage_with_fold(root, experiment):
-    """A stage run with one nested fold run that logs metrics, a figure, a table and JSON; returns both runs."""
+    """A stage run with one nested fold run that logs metrics, a figure and a table; returns both runs."""
     data_hash = hash_directory(root / "data" / "shards")
     with start_stage_run("finetune", CONFIG, experiment, run_name="stage", data_hash=data_hash,
                          tags={"dataset": "demo"}, project_root=root) as stage:
@@ -70,9 +67,9 @@ def log_stage_with_fold(root, experiment):
             for epoch, uar in enumerate([0.3, 0.45]):
                 logged = log_metrics({"val": {"uar": uar, "confusion_matrix": [[1, 0], [0, 1]]},
                                       "train/loss": math.nan, "note": "text"}, step=epoch)
-            log_figure(confusion_matrix_figure([[3, 1], [0, 4]], ["a", "b"]), "plots/confusion.png")
+            figure = save_figure(confusion_matrix_figure([[3, 1], [0, 4]], ["a", "b"]), root / "confusion.png")
+            mlflow.log_artifact(str(figure), "plots")  # as the stages log their figures
             log_table([{"clip": "a", "pred": 0}, {"clip": "b", "pred": 1, "prob": 0.7}], "predictions.csv")
-            log_dict_json({"uar": np.float32(0.45), "cm": np.eye(2, dtype=int)}, "metrics.json")
     assert logged == {"val/uar": 0.45}  # NaN, lists and strings are skipped
     return stage, fold
 
@@ -133,7 +130,7 @@ def test_local_store(project, tmp_path, mlflow_state, monkeypatch):
 
     assert fold_run.info.artifact_uri.startswith((root / "mlartifacts" / "demo_finetune").as_uri())
     assert {a.path for a in client.list_artifacts(fold.info.run_id)} == {
-        "config.yaml", "plots", "predictions.csv", "metrics.json"}
+        "config.yaml", "plots", "predictions.csv"}
     config = yaml.safe_load(open(client.download_artifacts(stage.info.run_id, "config.yaml", str(tmp_path))))
     assert config["optim"] == CONFIG["optim"]
     table = open(client.download_artifacts(fold.info.run_id, "predictions.csv", str(tmp_path))).read()
@@ -161,7 +158,7 @@ def test_server(mlflow_server, project, mlflow_state, monkeypatch):  # noqa: F81
     stage, fold = log_stage_with_fold(root, "demo-server")
     image = save_figure(confusion_matrix_figure([[1, 0], [0, 1]], ["a", "b"]), root / "cm.png")
     with start_stage_run("report", {}, "demo-server", run_name="report", project_root=root):
-        log_figure(image, "plots/from_file.png")
+        mlflow.log_artifact(str(image), "plots")
 
     experiment_id = mlflow_server.get("experiments/get-by-name", experiment_name="demo-server")["experiment"][
         "experiment_id"]
@@ -181,7 +178,7 @@ def test_server(mlflow_server, project, mlflow_state, monkeypatch):  # noqa: F81
     assert values(stage_run, "metrics") == {"test/uar_mean": 0.5}
 
     listing = mlflow_server.get("artifacts/list", run_id=fold.info.run_id)["files"]
-    assert {f["path"] for f in listing} == {"config.yaml", "plots", "predictions.csv", "metrics.json"}
+    assert {f["path"] for f in listing} == {"config.yaml", "plots", "predictions.csv"}
     plots = mlflow_server.get("artifacts/list", run_id=fold.info.run_id, path="plots")["files"]
     assert [f["path"] for f in plots] == ["plots/confusion.png"] and plots[0]["file_size"] > 5_000
     report_plots = mlflow_server.get("artifacts/list", run_id=by_name["report"]["info"]["run_id"], path="plots")

@@ -1,0 +1,196 @@
+"""The project's wiring, derived from its imports: DVC re-runs every stage whose code changed, the import graph
+is a DAG, and the layers import only what DESIGN.md allows.
+
+The import graph is read from the source (every ``import`` and ``from ... import``, function-level ones too,
+since they run when the function does), so it needs nothing installed beyond the standard library and PyYAML.
+Two registries import by name and are followed explicitly: ``pipeline.cli.COMMANDS`` (a command runs
+``pipeline.cli`` plus its command's module) and ``preprocessing.datasets.ADAPTERS`` (calling
+``build_manifest`` or ``adapter`` reaches every adapter module).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+import sys
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("model", "preprocessing", "pipeline")
+ADAPTER_ENTRY_POINTS = {"build_manifest", "adapter"}
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a project module (``a/b.py`` or ``a/b/__init__.py``), None if there is none."""
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def project_modules() -> list[str]:
+    modules = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return modules
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> str:
+    """The absolute module a ``from`` import names (relative imports resolved against ``module``)."""
+    if not node.level:
+        return node.module or ""
+    is_package = module_file(module).name == "__init__.py"
+    base = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+@cache
+def imports_of(module: str) -> frozenset[str]:
+    """Project modules that ``module`` imports directly, with the packages they live in."""
+    tree = ast.parse(module_file(module).read_text(), str(module_file(module)))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node)
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from package import module`
+            if target == "preprocessing.datasets" and ADAPTER_ENTRY_POINTS & {a.name for a in node.names}:
+                found.update(f"preprocessing.datasets.{name}" for name in adapter_modules())
+    project = {name for name in found if name.split(".")[0] in PACKAGES and module_file(name)}
+    return frozenset(project | {p for name in project for p in parents(name)})
+
+
+def parents(module: str) -> list[str]:
+    """The packages a module lives in (their ``__init__`` runs first)."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def adapter_modules() -> list[str]:
+    text = (ROOT / "preprocessing/datasets/__init__.py").read_text()
+    block = re.search(r"ADAPTERS = \{(.*?)\}", text, re.S).group(1)
+    return re.findall(r':\s*"([a-z0-9_]+)"', block)
+
+
+def closure(*modules: str) -> set[str]:
+    """Every project module that running ``modules`` imports, directly or not."""
+    seen, todo = set(), [m for module in modules for m in (module, *parents(module))]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(imports_of(module) - seen)
+    return seen
+
+
+def command_table() -> dict[str, str]:
+    """``pipeline.cli.COMMANDS`` (read from the source): command -> the module it runs."""
+    tree = ast.parse(module_file("pipeline.cli").read_text())
+    value = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and any(getattr(target, "id", None) == "COMMANDS" for target in node.targets))
+    return {command: module for command, (module, _) in ast.literal_eval(value).items()}
+
+
+def command_modules(cmd: str) -> list[str]:
+    """The modules a ``dvc.yaml`` command runs: ``python -m M [sub-command ...]``."""
+    words = shlex.split(cmd)
+    assert words[:2] == ["python", "-m"], f"dvc.yaml command {cmd!r} is not `python -m <module> ...`"
+    module = words[2]
+    if module == "pipeline.cli":
+        command = next(word for word in words[3:] if not word.startswith("-"))
+        return [module, command_table()[command]]
+    return [module]
+
+
+def dvc_stages() -> dict[str, dict]:
+    """dvc.yaml's stages, each foreach stage by its ``do`` template."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
+
+
+def covered(path: Path, deps: list[str]) -> bool:
+    relative = path.relative_to(ROOT).as_posix()
+    return any(relative == dep or relative.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+def uncovered_code(stage: dict) -> list[str]:
+    deps = [dep for dep in stage.get("deps", []) if "${" not in dep]
+    files = {module_file(module) for module in closure(*command_modules(stage["cmd"]))}
+    return sorted(path.relative_to(ROOT).as_posix() for path in files if not covered(path, deps))
+
+
+def test_every_stage_depends_on_all_the_code_it_runs():
+    missing = {name: files for name, stage in dvc_stages().items() if (files := uncovered_code(stage))}
+    assert not missing, "dvc.yaml: stages run project files their deps do not list (DVC would not re-run them " \
+                        f"after a change): {missing}"
+
+
+def test_every_code_dependency_exists():
+    stale = {name: dep for name, stage in dvc_stages().items() for dep in stage.get("deps", [])
+             if "${" not in dep and dep.split("/")[0] in PACKAGES and not (ROOT / dep).exists()}
+    assert not stale, f"dvc.yaml: deps that do not exist: {stale}"
+
+
+def test_the_dependency_check_sees_lazy_and_registry_imports():
+    assert "pipeline.export" in closure("pipeline.folds")                   # direct
+    assert "pipeline.tracking" in imports_of("pipeline.export")             # function-level import
+    assert "preprocessing.datasets.crema_d" in closure("pipeline.prepare")  # through build_manifest
+    assert "preprocessing.datasets.crema_d" not in closure("preprocessing.datasets.demo")
+    assert "pipeline.folds" not in closure("pipeline.cli")                  # imported by name, when run
+    assert {"pipeline.cli", "pipeline.folds"} <= set(command_modules("python -m pipeline.cli finetune --dataset x"))
+    stage = {"cmd": "python -m pipeline.cli report", "deps": ["pipeline/report.py"]}
+    assert "pipeline/plots.py" in uncovered_code(stage)
+
+
+def find_cycle(graph: dict[str, frozenset[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> imported modules) as a path, or None."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[module] = "done"
+        path.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    # A package imports its modules and every module sits in its package: only module-to-module edges count.
+    graph = {module: frozenset(m for m in imports_of(module) if m != module and m not in parents(module))
+             for module in project_modules()}
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    assert find_cycle({"a": frozenset({"b"}), "b": frozenset({"c"}), "c": frozenset({"a"})}) == ["a", "b", "c", "a"]
+
+
+def test_layers_import_only_what_design_allows():
+    for module in project_modules():
+        layer = module.split(".")[0]
+        reached = {name.split(".")[0] for name in imports_of(module)} - {layer}
+        allowed = {"model": set(), "preprocessing": set(), "pipeline": {"model", "preprocessing"}}[layer]
+        assert reached <= allowed, f"{module_file(module)} imports {reached - allowed}"
+    for path in (ROOT / "model").rglob("*.py"):  # the model library needs torch and nothing else
+        tree = ast.parse(path.read_text())
+        third_party = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                       for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                                   if isinstance(node, ast.ImportFrom) and not node.level}
+        assert third_party <= {"torch", "__future__", *sys.stdlib_module_names, "model"}, f"{path}: {third_party}"
