@@ -64,11 +64,11 @@ class DataParams(Strict):
                          description="this configuration's name, tagged on every MLflow run (ablations set it)")
     _source: str = PrivateAttr("params.yaml")  # the file these values were read from, for error messages
 
-    def dataset_root(self, dataset: str) -> Path:
-        """The folder of a dataset listed under ``datasets``; a ConfigError for one that is not listed."""
-        if dataset not in self.datasets:
-            raise ConfigError(f"{self._source}: datasets: no dataset {dataset!r}; listed: {', '.join(self.datasets)}")
-        return self.datasets[dataset].root_path()
+    def dataset(self, name: str) -> DatasetEntry:
+        """The entry of a dataset listed under ``datasets``; a ConfigError for one that is not listed."""
+        if name not in self.datasets:
+            raise ConfigError(f"{self._source}: datasets: no dataset {name!r}; listed: {', '.join(self.datasets)}")
+        return self.datasets[name]
 
 
 class DatasetConfig(Strict):

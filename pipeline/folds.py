@@ -79,6 +79,7 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
     """``hicmae finetune --dataset D``: all folds of one dataset; a parent MLflow run with the fold mean/std, one
     nested run per fold."""
     params = training_params(params)
+    params.dataset(dataset)
     settings = finetune_settings_for(params, load_dataset_config(dataset))
     layout = Layout.current()
     data, out = layout.data(dataset), layout.finetune(dataset)

@@ -20,8 +20,8 @@ from .layout import Layout, require
 
 def stage_manifest(params: DataParams, dataset: str) -> Path:
     """Run the dataset's adapter on its folder (``params.datasets[dataset].root``)."""
-    config = load_dataset_config(dataset)
-    info, clips = build_manifest(config.adapter, params.dataset_root(dataset))
+    root = params.dataset(dataset).root_path()
+    info, clips = build_manifest(load_dataset_config(dataset).adapter, root)
     path = write_manifest(Layout.current().data(dataset).manifest, info, clips)
     print(f"{dataset}: {len(clips)} clips -> {path}")
     return path
@@ -29,6 +29,7 @@ def stage_manifest(params: DataParams, dataset: str) -> Path:
 
 def stage_preprocess(params: DataParams, dataset: str) -> dict:
     """Preprocess the dataset's manifest into shards; the run logs the summary and the per-clip status table."""
+    params.dataset(dataset)
     data = Layout.current().data(dataset)
     require(data.manifest, f"run `hicmae manifest --dataset {dataset}` first")
     with tracking.start_stage_run("preprocess", params.preprocess, experiment=params.experiment,

@@ -33,6 +33,8 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
+from preprocessing.fileio import sha256_file
+
 from .metrics import is_scalar
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -143,9 +145,7 @@ def hash_directory(path: str | Path) -> str:
     digest = hashlib.sha256()
     for file in files:
         name = file.name if file == root else file.relative_to(root).as_posix()
-        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
-        with open(file, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+        digest.update(f"{name}\0{file.stat().st_size}\0{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
 

@@ -157,7 +157,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     """Write encoded samples to ``path`` atomically (temp file, then rename); returns the sample count."""
     count = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:
-        writer = wds.TarWriter(stream)
+        writer = wds.TarWriter(stream, mtime=0)  # no time stamps: the same clips give the same bytes
         for sample in samples:
             writer.write(sample)
             count += 1

@@ -38,7 +38,7 @@ def test_invalid_values_and_unknown_keys_name_the_key(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"params.yaml: preprocess\.fps"):
         load_params(overrides=["preprocess.fps=-1"])  # the data sections are checked without the training ones
     with pytest.raises(ConfigError, match=r"params.yaml: datasets: no dataset 'nope'; listed: demo"):
-        load_params().dataset_root("nope")
+        load_params().dataset("nope")
     bad = tmp_path / "params.yaml"
     bad.write_text("datasets: [unclosed")
     with pytest.raises(ValueError, match="params.yaml: not valid YAML"):
