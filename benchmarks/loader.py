@@ -4,10 +4,12 @@
     .venv/bin/python benchmarks/loader.py --workers 16 --step-rate 1500    # on a 16-core GPU machine
     .venv/bin/python benchmarks/loader.py --processed data/demo/processed  # real preprocessed shards
 
-The data path is the training loops' own: ``ClipWindows`` streaming the shards through ``make_loader``
-(``num_workers`` DataLoader workers, pinned memory on a GPU) with the pre-training example maker (random
-window, multi-scale crop, masks) and the fine-tuning one (window, RandAugment, random resized crop, flip,
-erasing), then ``.to(device)``. Each clip gives one example; every worker count reads all the clips.
+The data path is the training loops' own (pipeline/data.py), with ``num_workers`` DataLoader workers and pinned
+memory on a GPU, then ``.to(device)``: pre-training streams the shards (``ClipStream``, the default shuffle
+buffer) into the pre-training example maker (random window, multi-scale crop, masks); fine-tuning reads the clips
+by index in the epoch's permutation (``ClipDataset``, ``GlobalBatchSampler``) into the fine-tuning one (window,
+RandAugment, random resized crop, flip, erasing). Each clip gives one example; every worker count reads all the
+clips.
 
 ``decode all`` is the former path (every frame of a clip decoded before its window is cut, as
 ``decode_sample`` without ``lazy_frames`` does); ``decode window`` is the current one (only the 16 frames the
@@ -35,13 +37,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data import (  # noqa: E402
-    ClipWindows,
-    finetune_train_examples,
-    make_loader,
-    pretrain_examples,
+    ClipDataset,
+    ClipStream,
+    clip_catalog,
+    stream_loader,
+    training_loader,
+    verified_shards,
 )
+from pipeline.examples import finetune_train_examples, pretrain_examples  # noqa: E402
+from pipeline.sampling import GlobalBatchSampler  # noqa: E402
 from pipeline.settings import FinetuneSettings, PretrainSettings  # noqa: E402
-from preprocessing.shards import META_FIELD, ClipSample, encode_sample, list_shards, write_shard  # noqa: E402
+from preprocessing.shard_index import ShardIndex, shard_file, write_shard  # noqa: E402
+from preprocessing.shards import META_FIELD, ClipSample, encode_sample  # noqa: E402
 
 FPS, FBANK_RATE, SIDE = 25, 100, 160
 EXAMPLES = ("pretrain", "finetune")
@@ -79,7 +86,7 @@ def build_shards(folder: Path, clips: int, seconds: float, per_shard: int = 32, 
                 "fbank_rate": FBANK_RATE, "num_frames": len(frames), "duration": seconds}
         samples.append({**encoded, "__key__": meta["key"], META_FIELD: json.dumps(meta).encode()})
     for shard, start in enumerate(range(0, clips, per_shard)):
-        write_shard(folder / "shards" / f"shard-{shard:06d}.tar", samples[start:start + per_shard])
+        write_shard(shard_file(folder, shard), samples[start:start + per_shard])
     return folder
 
 
@@ -111,11 +118,22 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def measure(paths: list[str], kind: str, decode: str, workers: int, batch: int, device: torch.device) -> dict:
+def training_data(shards: list[ShardIndex], kind: str, decode: str, workers: int, batch: int):
+    """One epoch's DataLoader of one rank, as the training stage builds it."""
+    make = example_maker(kind, decode)
+    if kind == "pretrain":
+        stream = ClipStream([shard.path for shard in shards], make, rank=0, world_size=1,
+                            shuffle_buffer=PretrainSettings().shuffle_buffer, seed=0)
+        return stream_loader(stream, batch, workers)
+    dataset = ClipDataset(list(clip_catalog(shards).values()), make)
+    return training_loader(dataset, GlobalBatchSampler(num_clips=len(dataset), batch_size=batch, rank=0,
+                                                       world_size=1, seed=0), workers)
+
+
+def measure(shards: list[ShardIndex], kind: str, decode: str, workers: int, batch: int, device: torch.device) -> dict:
     """Samples/s of one pass over the shards (worker start-up included), batches moved to ``device``; also
     samples per CPU second (main process and workers), which a loaded machine disturbs far less."""
-    dataset = ClipWindows(paths, example_maker(kind, decode), shuffle_buffer=16)
-    loader = make_loader(dataset, batch, workers, drop_last=True)
+    loader = training_data(shards, kind, decode, workers, batch)
     samples, began, cpu_began = 0, time.perf_counter(), cpu_seconds()
     for tensors in loader:  # the workers are joined when the pass ends
         tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
@@ -144,15 +162,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(processed: Path, args: argparse.Namespace) -> dict:
-    paths = list_shards(processed)
+    shards = verified_shards(processed, "preprocess the dataset again")
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
-              "shards": len(paths), "rows": []}
+              "shards": len(shards), "rows": []}
     for kind in args.examples:
         for decode in args.decode:
             for workers in args.workers:
-                row = measure(paths, kind, decode, workers, args.batch, device)
+                row = measure(shards, kind, decode, workers, args.batch, device)
                 if args.step_rate:
                     row["times_step_rate"] = row["samples_per_s"] / args.step_rate
                 print(f"  {kind:<8} decode {decode:<6} {workers:>2} workers: {row['samples_per_s']:8.1f} samples/s  "

@@ -38,7 +38,7 @@ def clip_outputs(net: torch.nn.Module, loader, device: torch.device, task: str,
     (the head's input).
     """
     net.eval()
-    model = unwrap(net)  # rank 0 evaluates alone: no DDP collectives
+    model = unwrap(net)  # no DDP hooks: each rank scores its own clips
     sums: dict[str, dict[str, np.ndarray]] = {}
     counts: dict[str, int] = {}
     truth: dict[str, object] = {}
@@ -59,12 +59,29 @@ def clip_outputs(net: torch.nn.Module, loader, device: torch.device, task: str,
             counts[clip_id] = counts.get(clip_id, 0) + 1
             truth[clip_id] = batch["label"][i].item() if task == "classification" else batch["targets"][i].numpy()
     if not sums:
-        raise ValueError("the evaluation loader produced no clip")
+        return {}  # a rank whose share of a small split is empty
     ids = sorted(sums)
     result = {"clip_id": np.array(ids), "truth": np.array([truth[c] for c in ids])}
     for name in sums[ids[0]]:
         result[name] = np.stack([sums[c][name] / counts[c] for c in ids])
     return result
+
+
+def gather_outputs(outputs: dict) -> dict:
+    """Every rank's ``clip_outputs`` merged by clip id, on every rank (evaluation is split across the ranks of a
+    distributed run); ``outputs`` itself in a single process."""
+    import torch.distributed as dist
+
+    parts = [outputs]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, outputs)
+    parts = [part for part in parts if part]
+    if not parts:
+        raise ValueError("the evaluation produced no clip")
+    merged = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    order = np.argsort(merged["clip_id"], kind="stable")
+    return {name: values[order] for name, values in merged.items()}
 
 
 def score(outputs: dict, info: DatasetInfo) -> dict:
@@ -101,13 +118,15 @@ def predictions_csv(outputs: dict, info: DatasetInfo) -> bytes:
 
 def test_files(net: torch.nn.Module, best: dict, loader, device: torch.device, info: DatasetInfo) -> dict[str, bytes]:
     """Evaluate the test clips with the last and the ``best`` weights (``best["model"]``, ``best["epoch"]``):
-    predictions CSVs, a metrics JSON and the best weights' clip embeddings. The net keeps its last weights."""
+    predictions CSVs, a metrics JSON and the best weights' clip embeddings. The net keeps its last weights.
+
+    In a distributed run every rank calls this with its share of the clips (the outputs are gathered)."""
     model = unwrap(net)
     files, results = {}, {}
     last_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, weights in (("last", last_weights), ("best", best["model"])):
         model.load_state_dict(weights)
-        outputs = clip_outputs(net, loader, device, info.task, embeddings=name == "best")
+        outputs = gather_outputs(clip_outputs(net, loader, device, info.task, embeddings=name == "best"))
         results[name] = score(outputs, info)
         files[predictions_file(name)] = predictions_csv(outputs, info)
     files[EMBEDDINGS_FILE] = embeddings_npz(outputs)

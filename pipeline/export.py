@@ -191,7 +191,7 @@ def export_fold(dataset: str, params, fold: int | None = None, checkpoint: str |
                 out_dir: str | Path | None = None) -> Path:
     """``hicmae export``: a fine-tuning checkpoint of ``dataset`` exported (by default the newest one of
     ``fold``'s runs, to ``runs/<dataset>/finetune/fold-<fold>/model``), e.g. from a run that did not finish."""
-    from .tracking import hash_directory  # MLflow, as above
+    from .data import shards_hash, verified_shards
 
     if checkpoint is None and fold is None:
         raise ValueError("give --fold (its newest checkpoint) or --checkpoint")
@@ -204,7 +204,8 @@ def export_fold(dataset: str, params, fold: int | None = None, checkpoint: str |
         checkpoint = newest_checkpoint(layout.ray_results, f"finetune-{info.name}-fold{fold}")
     settings = finetune_settings_for(training_params(params), load_dataset_config(dataset))
     return export_checkpoint(checkpoint, info, out_dir or layout.finetune(dataset).fold(fold).model,
-                             data_hash=hash_directory(data.processed) if data.processed.is_dir() else None,
+                             data_hash=shards_hash(verified_shards(data.processed, "run `hicmae preprocess` again"))
+                             if data.processed.is_dir() else None,
                              name=f"{info.name}-fold{fold}" if fold else info.name, window=settings.window,
                              preprocess=params.preprocess)
 

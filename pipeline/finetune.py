@@ -1,9 +1,9 @@
 """Fine-tuning one test fold on Ray Train workers: the model, its losses and what each epoch measures.
 
-Each epoch trains on the fold's training clips, then rank 0 scores the validation clips (one temporal view)
-and keeps the weights of the best epoch by the protocol's selection metric. After the last epoch it tests
-with the last and the best weights (``evaluation.test_files``). ``pipeline.folds`` runs this for every fold
-of a dataset.
+Each epoch trains on a new permutation of the fold's training clips (``sampling.GlobalBatchSampler``), then
+the ranks score the validation clips (one temporal view; each rank its share, gathered) and keep the weights of
+the best epoch by the protocol's selection metric. After the last epoch they test with the last and the best
+weights (``evaluation.test_files``). ``pipeline.folds`` runs this for every fold of a dataset.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from model import HiCMAEClassifier, load_reference_weights
 from preprocessing.manifest import DatasetInfo
 
 from .augment import label_smoothing_cross_entropy, mixup_cutmix, soft_target_cross_entropy
-from .data import ClipWindows, finetune_eval_examples, finetune_train_examples, make_loader
-from .evaluation import clip_outputs, model_inputs, score, test_files
+from .data import ClipDataset, evaluation_loader, training_loader
+from .evaluation import clip_outputs, gather_outputs, model_inputs, score, test_files
+from .examples import finetune_eval_examples, finetune_train_examples
 from .metrics import selection_metric
 from .optim import optimizer_step
+from .sampling import GlobalBatchSampler, rank_share
 from .settings import FinetuneSettings
-from .training import TrainingTask, autocast, fit, unwrap
-
-SHUFFLE_BUFFER = 64  # examples
+from .training import TrainData, TrainingTask, autocast, fit, unwrap
 
 
 def train_loss(net, batch: dict, info: DatasetInfo, settings: FinetuneSettings, rng: np.random.Generator):
@@ -54,13 +54,15 @@ def train_step(net, batch: dict, optimizer, info: DatasetInfo, settings: Finetun
 
 
 class FinetuneTask(TrainingTask):
-    """One fold: train on ``split["train"]``, choose the best epoch on ``split["val"]``, test on ``split["test"]``."""
+    """One fold: train on ``split["train"]``, choose the best epoch on ``split["val"]``, test on ``split["test"]``.
+
+    ``config["clips"]`` maps every clip id of the split to its place in the shards (``data.clip_catalog``)."""
 
     def __init__(self, config: dict):
         self.config = config
         self.settings = FinetuneSettings.model_validate(config["settings"])
         self.info = DatasetInfo.model_validate(config["info"])
-        self.split = config["split"]
+        self.split, self.clips = config["split"], config["clips"]
         self.tracker = config.get("tracker")
         self.selection = selection_metric(self.info.task, self.settings.protocol)
         self.best = {"score": -np.inf, "epoch": -1, "model": None}
@@ -75,27 +77,32 @@ class FinetuneTask(TrainingTask):
                 print(report.summary())
         return model
 
-    def train_data(self, rank: int, world_size: int):
+    def train_data(self):
         settings = self.settings
         examples = partial(finetune_train_examples, window=settings.window, augment=settings.augment,
                            seed=settings.seed)
-        dataset = ClipWindows(self.config["shards"], examples, clip_ids=set(self.split["train"]), rank=rank,
-                              world_size=world_size, shuffle_buffer=SHUFFLE_BUFFER, seed=settings.seed)
-        loader = make_loader(dataset, settings.batch_size, self.config["loader_workers"], drop_last=True)
-        return dataset, loader, len(self.split["train"])
+        dataset = ClipDataset([self.clips[c] for c in self.split["train"]], examples)
+        sampler = GlobalBatchSampler(num_clips=len(dataset), batch_size=settings.batch_size, rank=self.rank,
+                                     world_size=self.world_size, seed=settings.seed)
+        def set_epoch(epoch: int) -> None:  # the epoch's permutation, and its windows and augmentations
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+
+        return TrainData(training_loader(dataset, sampler, self.config["loader_workers"]), len(sampler), set_epoch)
 
     def eval_loader(self, part: str, views: int):
-        """The clips of ``split[part]``, ``views`` deterministic windows each."""
+        """This rank's share of the clips of ``split[part]``, ``views`` deterministic windows each."""
         examples = partial(finetune_eval_examples, window=self.settings.window, views=views)
-        dataset = ClipWindows(self.config["shards"], examples, clip_ids=set(self.split[part]))
-        return make_loader(dataset, self.settings.batch_size, self.config["loader_workers"])
+        ids = rank_share(self.split[part], self.rank, self.world_size)
+        dataset = ClipDataset([self.clips[c] for c in ids], examples)
+        return evaluation_loader(dataset, max(self.settings.batch_size // views, 1), self.config["loader_workers"])
 
     def train_step(self, net, batch: dict, optimizer, rng: np.random.Generator) -> torch.Tensor:
         return train_step(net, batch, optimizer, self.info, self.settings, rng)
 
     def evaluate(self, net, device: torch.device, epoch: int) -> dict:
-        """Validation scores; keeps a copy of the weights when the selection metric improves."""
-        val = score(clip_outputs(net, self.eval_loader("val", 1), device, self.info.task), self.info)
+        """Validation scores (the same on every rank); a copy of the weights when the selection metric improves."""
+        val = score(gather_outputs(clip_outputs(net, self.eval_loader("val", 1), device, self.info.task)), self.info)
         if val[self.selection] > self.best["score"]:
             weights = {k: v.detach().cpu().clone() for k, v in unwrap(net).state_dict().items()}
             self.best = {"score": val[self.selection], "epoch": epoch, "model": weights}

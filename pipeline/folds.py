@@ -20,10 +20,11 @@ import mlflow
 
 from preprocessing.fileio import atomic_write_bytes, write_json
 from preprocessing.manifest import ClipRecord, DatasetInfo, read_manifest, split_for_fold
-from preprocessing.shards import list_shards
+from preprocessing.shard_index import ShardIndex
 
 from . import raytrain, tracking
 from .config import DataParams, load_dataset_config
+from .data import clip_catalog, shards_hash, verified_shards
 from .export import export_checkpoint
 from .finetune import finetune_worker
 from .layout import FOLD_RESULT_FILES, HISTORY_FILE, PREDICTION_EPOCHS, FinetuneRun, Layout, require
@@ -48,20 +49,28 @@ def describe_dataset(info: DatasetInfo, protocol: str) -> dict:
             "selection_metric": selection_metric(info.task, protocol)}
 
 
-def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, dataset: str, init: str | None,
-              tracker_for_fold=None, loader_workers: int = 1, data_hash: str | None = None) -> dict:
-    """Fine-tune every configured fold; writes each fold's files and its best model exported to
-    ``fold-k/model/`` (``pipeline.export``), its card recording ``data_hash``; returns the fold mean/std summary."""
-    data = layout.data(dataset)
-    info, clips = read_manifest(data.manifest)
+def fold_config(settings: FinetuneSettings, info: DatasetInfo, split: dict[str, list[str]], catalog: dict,
+                init: str | None, loader_workers: int, tracker=None) -> dict:
+    """What the Ray Train workers of one fold get (``finetune.FinetuneTask``): the split's clips and where each
+    lies in the shards. A clip that preprocessing could not use (no face, unreadable) is left out."""
+    split = {part: [clip for clip in ids if clip in catalog] for part, ids in split.items()}
+    return {"settings": settings.model_dump(mode="json"), "info": info.model_dump(mode="json"), "split": split,
+            "clips": {clip: catalog[clip] for ids in split.values() for clip in ids}, "init": init,
+            "loader_workers": loader_workers, "tracker": tracker}
+
+
+def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, dataset: str, shards: list[ShardIndex],
+              init: str | None, tracker_for_fold=None) -> dict:
+    """Fine-tune every configured fold on ``shards`` (``data.verified_shards``); writes each fold's files and its
+    best model exported to ``fold-k/model/`` (``pipeline.export``); returns the fold mean/std summary."""
+    info, clips = read_manifest(layout.data(dataset).manifest)
+    catalog, data_hash = clip_catalog(shards), shards_hash(shards)
     out = layout.finetune(dataset)
     folds = settings.folds or list(range(1, info.num_folds + 1))
     per_fold = {}
     for fold in folds:
-        config = {"settings": settings.model_dump(mode="json"), "info": info.model_dump(mode="json"),
-                  "shards": list_shards(data.processed), "split": fold_splits(clips, fold, settings),
-                  "init": init, "loader_workers": loader_workers,
-                  "tracker": tracker_for_fold(fold) if tracker_for_fold else None}
+        config = fold_config(settings, info, fold_splits(clips, fold, settings), catalog, init,
+                             params.scaling.loader_workers, tracker_for_fold(fold) if tracker_for_fold else None)
         result = raytrain.run_trainer(finetune_worker, config, params.scaling, name=f"finetune-{info.name}-fold{fold}",
                                       storage=layout.ray_results)
         fold_run = out.fold(fold)
@@ -89,9 +98,9 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
     if init:
         require(Path(init), "run `hicmae pretrain` first, or set finetune.init to none or a checkpoint file")
     info, _ = read_manifest(data.manifest)
-    data_hash = tracking.hash_directory(data.processed)  # once: the run's tag and every exported model card
+    shards = verified_shards(data.processed, f"run `hicmae preprocess --dataset {dataset}` again to redo it")
     with tracking.start_stage_run("finetune", settings, experiment=params.experiment, run_name=f"finetune-{dataset}",
-                                  data_hash=data_hash,
+                                  data_hash=shards_hash(shards),
                                   tags={"dataset": dataset, "protocol": settings.protocol,
                                         "variant": params.variant}) as parent:
         fold_runs: dict[int, tracking.RunLogger] = {}
@@ -102,8 +111,7 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
             return fold_runs[fold]
 
         try:
-            summary = run_folds(params, settings, layout, dataset, init, tracker_for_fold=fold_logger,
-                                data_hash=data_hash)
+            summary = run_folds(params, settings, layout, dataset, shards, init, tracker_for_fold=fold_logger)
         except BaseException:
             for run in fold_runs.values():
                 run.finish(status="FAILED")

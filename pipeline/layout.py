@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preprocessing.errors import InputError
-from preprocessing.shards import SUMMARY_FILE
+from preprocessing.shard_index import SUMMARY_FILE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from preprocessing.datasets import build_manifest
 from preprocessing.fileio import atomic_write_bytes
 from preprocessing.manifest import write_manifest
 from preprocessing.run import preprocess
-from preprocessing.shards import STATUS_FILE
+from preprocessing.shard_index import STATUS_FILE
 
 from . import tracking
 from .config import DataParams, load_dataset_config

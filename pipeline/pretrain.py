@@ -9,7 +9,6 @@ the run in MLflow.
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
@@ -19,18 +18,18 @@ import torch
 
 from model import HiCMAEPretrain
 from preprocessing.fileio import atomic_path, atomic_write_bytes, write_json
-from preprocessing.shards import list_shards
+from preprocessing.shard_index import ShardIndex
 
 from . import raytrain, tracking
 from .config import DataParams
-from .data import ClipWindows, make_loader, pretrain_examples
+from .data import ClipStream, shards_hash, stream_loader, verified_shards
+from .examples import pretrain_examples
 from .layout import HISTORY_FILE, Layout, require
-from .optim import optimizer_step
+from .optim import optimizer_step, steps_per_epoch
 from .settings import Params, PretrainSettings, training_params
-from .training import TrainingTask, autocast, fit
+from .training import TrainData, TrainingTask, autocast, fit
 
 LOSS_KEYS = ("loss", "loss_video", "loss_audio", "loss_contrastive")
-SHUFFLE_BUFFER = 64  # clips
 
 
 def train_step(net, batch: dict, optimizer, clip_grad: float | None, precision: str | None = None) -> torch.Tensor:
@@ -56,14 +55,15 @@ class PretrainTask(TrainingTask):
     def build_model(self, rank: int) -> HiCMAEPretrain:
         return HiCMAEPretrain(self.settings.model.build_config())
 
-    def train_data(self, rank: int, world_size: int):
+    def train_data(self) -> TrainData:
         settings = self.settings
         examples = partial(pretrain_examples, window=settings.window, cfg=settings.model.build_config(),
                            seed=settings.seed)
-        dataset = ClipWindows(self.config["shards"], examples, rank=rank, world_size=world_size,
-                              shuffle_buffer=SHUFFLE_BUFFER, seed=settings.seed)
-        loader = make_loader(dataset, settings.batch_size, self.config["loader_workers"], drop_last=True)
-        return dataset, loader, self.config["num_clips"]
+        dataset = ClipStream(self.config["shards"], examples, rank=self.rank, world_size=self.world_size,
+                             shuffle_buffer=settings.shuffle_buffer, seed=settings.seed)
+        loader = stream_loader(dataset, settings.batch_size, self.config["loader_workers"])
+        steps = steps_per_epoch(self.config["num_clips"], settings.batch_size, self.world_size)
+        return TrainData(loader, steps, dataset.set_epoch)
 
     def train_step(self, net, batch: dict, optimizer, rng: np.random.Generator) -> torch.Tensor:
         return train_step(net, batch, optimizer, self.settings.optim.clip_grad)
@@ -77,12 +77,11 @@ def pretrain_worker(config: dict) -> None:
     fit(PretrainTask(config))
 
 
-def run_pretrain(params: Params, layout: Layout, tracker=None, loader_workers: int = 1) -> dict:
-    """Pre-train on ``params.pretrain.dataset``'s shards; writes runs/pretrain/ and returns the last metrics."""
-    data = layout.data(params.pretrain.dataset)
-    config = {"settings": params.pretrain.model_dump(mode="json"), "shards": list_shards(data.processed),
-              "num_clips": json.loads(data.summary.read_text())["ok"], "loader_workers": loader_workers,
-              "tracker": tracker}
+def run_pretrain(params: Params, layout: Layout, shards: list[ShardIndex], tracker=None) -> dict:
+    """Pre-train on ``shards`` (``data.verified_shards``); writes runs/pretrain/ and returns the last metrics."""
+    config = {"settings": params.pretrain.model_dump(mode="json"), "shards": [shard.path for shard in shards],
+              "num_clips": sum(len(shard.samples) for shard in shards),
+              "loader_workers": params.scaling.loader_workers, "tracker": tracker}
     result = raytrain.run_trainer(pretrain_worker, config, params.scaling, name=f"pretrain-{params.pretrain.dataset}",
                                   storage=layout.ray_results)
     state = raytrain.load_result_state(result)
@@ -102,10 +101,11 @@ def stage_pretrain(params: DataParams) -> dict:
     layout = Layout.current()
     dataset = params.pretrain.dataset
     processed = require(layout.data(dataset).processed, f"run `hicmae preprocess --dataset {dataset}` first")
+    shards = verified_shards(processed, f"run `hicmae preprocess --dataset {dataset}` again to redo it")
     with tracking.start_stage_run("pretrain", params.pretrain, experiment=params.experiment,
-                                  run_name=f"pretrain-{dataset}", data_hash=tracking.hash_directory(processed),
+                                  run_name=f"pretrain-{dataset}", data_hash=shards_hash(shards),
                                   tags={"dataset": dataset, "variant": params.variant}) as run:
         logger = tracking.RunLogger(mlflow.get_tracking_uri(), run.info.run_id)
-        metrics = run_pretrain(params, layout, tracker=logger)
+        metrics = run_pretrain(params, layout, shards, tracker=logger)
         tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
     return metrics

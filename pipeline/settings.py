@@ -74,6 +74,7 @@ class ScalingSettings(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
+    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes of each training worker")
 
 
 class PretrainSettings(Strict):
@@ -84,6 +85,7 @@ class PretrainSettings(Strict):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(40, ge=1, description="per worker")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    shuffle_buffer: int = Field(256, ge=0, description="clips each loader worker mixes, still packed (JPEG)")
     seed: int = 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -32,8 +31,6 @@ import numpy as np
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
-
-from preprocessing.fileio import sha256_file
 
 from .metrics import is_scalar
 
@@ -134,21 +131,6 @@ def experiment_tags(project_root: str | Path = PROJECT_ROOT) -> dict[str, str]:
             "params_changed": changed_params(project_root, baseline)}
 
 
-def hash_directory(path: str | Path) -> str:
-    """SHA-256 over the relative path, size and bytes of every file under ``path`` (or of one file), sorted.
-
-    Reads every byte once (about a second per GB), so equal hashes mean equal data whatever the timestamps;
-    renaming a file changes the hash.
-    """
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        name = file.name if file == root else file.relative_to(root).as_posix()
-        digest.update(f"{name}\0{file.stat().st_size}\0{sha256_file(file)}\n".encode())
-    return digest.hexdigest()
-
-
 def _to_json(value):
     """``json.dumps`` fallback: numpy scalars and arrays as numbers and lists, anything else (paths) as str."""
     if isinstance(value, np.generic | np.ndarray):
@@ -189,7 +171,7 @@ def start_stage_run(stage: str, config, experiment: str, run_name: str | None = 
     The run is nested under ``parent_run_id`` when given (e.g. a fold run under the stage run started by the
     driver), else under the run active in this process, if any. It logs ``config`` as dotted params and as the
     artifact ``config.yaml``, and tags ``dvc_stage``, ``git_commit`` (also ``mlflow.source.git.commit``),
-    ``data_hash`` when given (see ``hash_directory``), the ``experiment_tags`` and ``tags``.
+    ``data_hash`` when given (``data.shards_hash``), the ``experiment_tags`` and ``tags``.
     """
     mlflow.set_tracking_uri(tracking_uri(store_root(project_root)))
     experiment_id = ensure_experiment(experiment, store_root(project_root))

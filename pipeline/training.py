@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,8 +27,7 @@ from torch import nn
 from . import raytrain
 from .history import history_csv
 from .layout import HISTORY_FILE
-from .optim import LrSchedule, build_optimizer, set_lr, steps_per_epoch
-from .settings import OptimSettings
+from .optim import LrSchedule, build_optimizer, set_lr
 
 
 def seed_everything(seed: int) -> None:
@@ -72,20 +72,29 @@ def batches(loader, count: int) -> Iterator[dict]:
             raise RuntimeError("the data loader produced no batch: too few clips for this batch size and rank")
 
 
+class TrainData(NamedTuple):
+    """This rank's training data: its DataLoader, optimizer steps per epoch (the same on every rank), and what
+    to call before each epoch (the sampler's and datasets' ``set_epoch``)."""
+
+    loader: object
+    steps_per_epoch: int
+    set_epoch: Callable[[int], None]
+
+
 class TrainingTask:
     """What a training stage tells ``fit``. Subclasses set ``settings`` (seed, epochs, batch_size, optim) and
     ``tracker`` (an MLflow ``RunLogger`` or None) and implement ``build_model``, ``train_data`` and
-    ``train_step``; the other hooks are optional."""
+    ``train_step``; the other hooks are optional. ``fit`` sets ``rank`` and ``world_size`` before any hook."""
 
     loss_names: tuple[str, ...] = ("loss",)
     settings = None
     tracker = None
+    rank, world_size = 0, 1
 
     def build_model(self, rank: int) -> nn.Module:
         raise NotImplementedError
 
-    def train_data(self, rank: int, world_size: int) -> tuple[object, object, int]:
-        """(dataset with ``set_epoch``, its DataLoader, the number of training clips in the whole run)."""
+    def train_data(self) -> TrainData:
         raise NotImplementedError
 
     def train_step(self, net: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
@@ -94,7 +103,8 @@ class TrainingTask:
         raise NotImplementedError
 
     def evaluate(self, net: nn.Module, device: torch.device, epoch: int) -> dict:
-        """Rank 0, after each epoch's training: metrics to add to the epoch's (e.g. ``val/...``)."""
+        """Every rank, after each epoch's training: metrics to add to the epoch's (e.g. ``val/...``). A
+        distributed evaluation splits the clips across the ranks and gathers the outputs (a collective)."""
         return {}
 
     def checkpoint_due(self, epoch: int) -> bool:
@@ -109,7 +119,8 @@ class TrainingTask:
         """Take back the task's own state from a restored checkpoint."""
 
     def final_files(self, net: nn.Module, device: torch.device) -> dict[str, bytes]:
-        """Rank 0, after the last epoch: result files to put into the last checkpoint."""
+        """Every rank, after the last epoch (a collective, as ``evaluate``): result files; rank 0's go into the
+        last checkpoint."""
         return {}
 
 
@@ -135,6 +146,7 @@ def fit(task: TrainingTask) -> None:
     """Train ``task`` on this Ray Train worker from its last checkpoint (if any) to its last epoch."""
     settings = task.settings
     rank, world, device = raytrain.worker_context()
+    task.rank, task.world_size = rank, world
     seed_everything(settings.seed + rank)
     net = raytrain.prepare_model(task.build_model(rank))
     model = unwrap(net)
@@ -143,33 +155,28 @@ def fit(task: TrainingTask) -> None:
     restored = raytrain.restore_checkpoint(model, optimizer, tracker) or {}
     task.load_state(restored)
     history = restored.get("history", [])  # rank 0's per-epoch metrics, kept in the checkpoints
-    dataset, loader, num_clips = task.train_data(rank, world)
-    schedule = plan_schedule(settings.optim, epochs=settings.epochs, num_clips=num_clips,
-                             batch_size=settings.batch_size, world_size=world)
+    data = task.train_data()
+    schedule = LrSchedule.for_run(settings.optim, epochs=settings.epochs, steps_per_epoch=data.steps_per_epoch,
+                                  global_batch=settings.batch_size * world)
 
     for epoch in range(restored.get("epoch", -1) + 1, settings.epochs):
         rng = seed_epoch(settings.seed, rank, epoch)
-        dataset.set_epoch(epoch)
-        metrics = train_one_epoch(net, optimizer, loader, epoch=epoch, schedule=schedule,
+        data.set_epoch(epoch)
+        metrics = train_one_epoch(net, optimizer, data.loader, epoch=epoch, schedule=schedule,
                                   step=partial(task.train_step, rng=rng),
                                   loss_names=task.loss_names, device=device, global_batch=settings.batch_size * world)
-        state = files = None
+        metrics |= task.evaluate(net, device, epoch)
+        last = epoch == settings.epochs - 1
+        files = task.final_files(net, device) if last else None
+        state = None
         if rank == 0:
-            metrics |= task.evaluate(net, device, epoch)
             history.append(metrics)
             if tracker:
                 tracker.log_epoch(metrics, epoch)
-            last = epoch == settings.epochs - 1
             if last or task.checkpoint_due(epoch):
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "history": history, "config": model.cfg.to_dict(), **task.state()}
             if last:
-                files = {**task.final_files(net, device), HISTORY_FILE: history_csv(history)}
-        raytrain.report_epoch(metrics, state, files)
+                files[HISTORY_FILE] = history_csv(history)
+        raytrain.report_epoch(metrics, state, files if rank == 0 else None)
 
-
-def plan_schedule(optim: OptimSettings, *, epochs: int, num_clips: int, batch_size: int,
-                  world_size: int) -> LrSchedule:
-    """The run's lr schedule: whole global batches per epoch, lr scaled by the global batch (as the reference)."""
-    return LrSchedule.for_run(optim, epochs=epochs, steps_per_epoch=steps_per_epoch(num_clips, batch_size, world_size),
-                              global_batch=batch_size * world_size)

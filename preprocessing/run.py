@@ -30,7 +30,7 @@ from preprocessing.fileio import atomic_write_text, write_json
 from preprocessing.manifest import DatasetInfo, read_manifest
 from preprocessing.ray_runtime import start_ray
 from preprocessing.settings import PreprocessSettings
-from preprocessing.shards import STATUS_FILE, SUMMARY_FILE
+from preprocessing.shard_index import STATUS_FILE, SUMMARY_FILE
 from preprocessing.units import WorkUnit, plan_units, process_unit, read_status, remove_leftovers, unit_done
 
 

@@ -17,6 +17,7 @@ class PreprocessSettings(BaseModel):
     min_face_fraction: float = Field(0.5, ge=0, le=1, description="fewer frames with a face: no_face")
     min_duration: float = Field(0.3, gt=0, description="shorter clips fail as too_short (seconds)")
     shard_size: int = Field(64, ge=1, description="clips per work unit and shard")
+    shard_seed: int = Field(0, description="seeds the pseudo-random order in which clips are put into shards")
     crop_size: int = Field(160, ge=16, description="side of the aligned face crops")
     jpeg_quality: int = Field(90, ge=1, le=100)
     detect_long_side: int = Field(1280, ge=64, description="frames with a longer side are downscaled for "

@@ -18,38 +18,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
-import webdataset as wds
-
-from preprocessing.fileio import atomic_path
 
 JPEG_QUALITY = 90
 FRAMES_FIELD, FBANK_FIELD, META_FIELD = "frames.jpgs", "fbank.npy", "meta.json"
-
-# A preprocessed dataset folder: shards/shard-XXXXXX.tar, units/ (preprocessing.units), status.jsonl (one row
-# per manifest clip) and summary.json (preprocessing.run).
-SHARDS_DIR, STATUS_FILE, SUMMARY_FILE = "shards", "status.jsonl", "summary.json"
-
-
-def shard_file(processed_dir: str | os.PathLike, index: int) -> Path:
-    return Path(processed_dir) / SHARDS_DIR / f"shard-{index:06d}.tar"
-
-
-def list_shards(processed_dir: str | os.PathLike) -> list[str]:
-    """The shards of a preprocessed dataset folder, sorted; an error naming the folder when there are none."""
-    paths = sorted(str(p) for p in (Path(processed_dir) / SHARDS_DIR).glob("shard-*.tar"))
-    if not paths:
-        raise FileNotFoundError(f"{processed_dir}: no shards under {SHARDS_DIR}/ (has preprocessing run?)")
-    return paths
-
 
 class PackedFrames:
     """A clip's packed JPEG sequence (``frames.jpgs``), decoded frame by frame on demand.
@@ -151,27 +128,6 @@ def decode_sample(sample: dict, lazy_frames: bool = False) -> ClipSample:
     fbank = np.load(io.BytesIO(sample[FBANK_FIELD]), allow_pickle=False).astype(np.float32)
     frames = PackedFrames(sample[FRAMES_FIELD])
     return ClipSample(frames=frames if lazy_frames else frames[:], fbank=fbank, meta=meta)
-
-
-def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
-    """Write encoded samples to ``path`` atomically (temp file, then rename); returns the sample count."""
-    count = 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
-        writer = wds.TarWriter(stream, mtime=0)  # no time stamps: the same clips give the same bytes
-        for sample in samples:
-            writer.write(sample)
-            count += 1
-        writer.close()
-    return count
-
-
-def iter_shards(paths: Iterable[str | os.PathLike]) -> Iterator[ClipSample]:
-    """Read shards in order and yield every clip decoded."""
-    urls = [str(path) for path in paths]
-    if not urls:
-        return
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        yield decode_sample(sample)
 
 
 def fbank_window(t0: int, t1: int, fps: float, fbank_rate: float) -> tuple[int, int]:

@@ -1,10 +1,14 @@
 """Work units: fixed groups of clips, each written as one shard, atomically; the basis of resuming.
 
-Unit i holds manifest clips [i * shard_size, (i + 1) * shard_size). Its digest hashes the clip records, the
-size and modification time of their media files, the dataset info and the output settings. A unit is done
-when ``units/unit-<i>.json`` exists with the same digest (and its shard, if any clip succeeded). The shard
-is renamed into place before that status file is written, so a run killed at any point leaves either a
-finished unit or one that the next run redoes from scratch: no half-written shard, no duplicate clip.
+The clips are put in a pseudo-random order seeded by ``shard_seed`` (a hash of each clip id), independent of the
+manifest's order, and unit i holds clips [i * shard_size, (i + 1) * shard_size) of that order: every shard is a
+random sample of the dataset, whatever the order its files sort in (RAVDESS's names sort by emotion,
+VoxCeleb2's by speaker). A unit's digest hashes its clip records, the size and modification time of their media
+files, the dataset info and the output settings. A unit is done when ``units/unit-<i>.json`` exists with the
+same digest and, if any clip succeeded, its shard and index exist and the shard has the size and sha256 the
+status records (a truncated or overwritten shard is redone). The shard and its index are renamed into place
+before the status file is written, so a run killed at any point leaves either a finished unit or one that the
+next run redoes from scratch: no half-written shard, no duplicate clip.
 """
 
 from __future__ import annotations
@@ -21,7 +25,17 @@ from preprocessing.face import FaceDetector
 from preprocessing.fileio import TEMP_GLOB, write_json
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
-from preprocessing.shards import SHARDS_DIR, sample_key, shard_file, write_shard
+from preprocessing.shard_index import (
+    SHARDS_DIR,
+    DamagedShard,
+    ShardIndex,
+    check_shard,
+    index_file,
+    read_index,
+    shard_file,
+    write_shard,
+)
+from preprocessing.shards import sample_key
 
 
 @dataclass
@@ -52,9 +66,15 @@ def _file_stamp(path: Path) -> list:
         return ["missing"]
 
 
+def shard_order(clips: list[ClipRecord], seed: int) -> list[ClipRecord]:
+    """The clips in a pseudo-random order that depends only on their ids and ``seed``."""
+    return sorted(clips, key=lambda clip: hashlib.sha256(f"{seed}:{clip.clip_id}".encode()).digest())
+
+
 def plan_units(info: DatasetInfo, clips: list[ClipRecord], settings: PreprocessSettings) -> list[WorkUnit]:
-    """Group clips into units of ``settings.shard_size`` and fingerprint each."""
+    """Group the clips, in ``shard_order``, into units of ``settings.shard_size`` and fingerprint each."""
     root = Path(info.root)
+    clips = shard_order(clips, settings.shard_seed)
     common = json.dumps([info.model_dump(), settings.output_fingerprint()], sort_keys=True)
     units = []
     for index, first in enumerate(range(0, len(clips), settings.shard_size)):
@@ -74,15 +94,24 @@ def read_status(out_dir: Path, index: int) -> dict | None:
 
 
 def unit_done(out_dir: Path, unit: WorkUnit) -> bool:
+    """Whether the unit's status matches its digest and its shard (if any) is whole: present, with the recorded
+    size and sha256, and indexed."""
     status = read_status(out_dir, unit.index)
     if status is None or status.get("digest") != unit.digest:
         return False
-    return status["shard"] is None or (out_dir / status["shard"]).exists()
+    if status["shard"] is None:
+        return True
+    recorded = ShardIndex(str(out_dir / status["shard"]), status.get("shard_size", -1), status.get("shard_sha256"), [])
+    try:
+        check_shard(recorded)
+        return read_index(recorded.path).sha256 == recorded.sha256
+    except DamagedShard:
+        return False
 
 
 def remove_leftovers(out_dir: Path, units: list[WorkUnit]) -> None:
     """Delete temp files of killed runs and shards/status files of units the plan no longer has."""
-    for folder, pattern in ((SHARDS_DIR, "shard-*.tar"), ("units", "unit-*.json")):
+    for folder, pattern in ((SHARDS_DIR, "shard-*.tar"), (SHARDS_DIR, "shard-*.index.json"), ("units", "unit-*.json")):
         for path in (out_dir / folder).glob(TEMP_GLOB):
             path.unlink(missing_ok=True)
         for path in (out_dir / folder).glob(pattern):
@@ -119,13 +148,16 @@ def process_unit(out_dir: Path, info: DatasetInfo, unit: WorkUnit, settings: Pre
     shard = shard_file(out_dir, unit.index)
     with timed(timings, "write"):
         if samples:
-            write_shard(shard, samples)
+            written = write_shard(shard, samples)
         else:
             shard.unlink(missing_ok=True)
+            index_file(shard).unlink(missing_ok=True)
     relative = str(shard.relative_to(out_dir)) if samples else None
     for row in rows:
         row["shard"] = relative if row["status"] == "ok" else None
-    status = {"index": unit.index, "digest": unit.digest, "shard": relative, "clips": rows,
-              "seconds": {stage: round(value, 4) for stage, value in timings.items()}, "pid": os.getpid()}
+    status = {"index": unit.index, "digest": unit.digest, "shard": relative,
+              "shard_size": written.size if samples else None, "shard_sha256": written.sha256 if samples else None,
+              "clips": rows, "seconds": {stage: round(value, 4) for stage, value in timings.items()},
+              "pid": os.getpid()}
     write_json(status_path(out_dir, unit.index), status)
     return status

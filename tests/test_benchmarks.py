@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import ClipWindows, finetune_eval_examples, finetune_train_examples, pretrain_examples
+from pipeline.data import ClipDataset, clip_catalog, verified_shards
+from pipeline.examples import finetune_eval_examples, finetune_train_examples, pretrain_examples
 from pipeline.settings import FinetuneSettings, PretrainSettings
-from preprocessing.shards import PackedFrames, decode_frames, encode_frames, iter_shards, list_shards
+from preprocessing.shard_index import ShardIndex, read_samples
+from preprocessing.shards import PackedFrames, decode_frames, decode_sample, encode_frames
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_BATCHES = ["--pretrain-batch", "2", "--finetune-batch", "2"]
@@ -42,9 +44,10 @@ def loader():
 
 
 @pytest.fixture(scope="module")
-def shards(loader, tmp_path_factory) -> list[str]:
+def shards(loader, tmp_path_factory) -> list[ShardIndex]:
     """Four synthetic 3.2 s clips (80 frames: longer than a 64-frame window, so windows start anywhere)."""
-    return list_shards(loader.build_shards(tmp_path_factory.mktemp("shards"), clips=4, seconds=3.2, per_shard=2))
+    processed = loader.build_shards(tmp_path_factory.mktemp("shards"), clips=4, seconds=3.2, per_shard=2)
+    return verified_shards(processed, "rebuild them")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,18 +93,19 @@ def test_training_examples_are_identical_with_lazy_decoding(shards, loader):
         partial(finetune_eval_examples, window=finetune.window, views=2),
     ]
     for make in makers:
-        lazy = ClipWindows(shards, make)                                          # the training path
-        eager = ClipWindows(shards, partial(loader.decode_all_first, make))       # every frame decoded first
+        entries = list(clip_catalog(shards).values())
+        lazy = ClipDataset(entries, make)                                          # the training path
+        eager = ClipDataset(entries, partial(loader.decode_all_first, make))       # every frame decoded first
         for epoch in (0, 1):
             lazy.set_epoch(epoch)
             eager.set_epoch(epoch)
-            pairs = list(zip(lazy, eager, strict=True))
+            pairs = [pair for i in range(len(entries)) for pair in zip(lazy[i], eager[i], strict=True)]
             assert len(pairs) == 4 * (2 if make.func is finetune_eval_examples else 1)
             for a, b in pairs:
                 assert a.keys() == b.keys()
                 for key in a:
                     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    clip = next(iter_shards(shards[:1]))
+    clip = decode_sample(next(read_samples(shards[0])))
     assert isinstance(clip.frames, np.ndarray) and clip.frames.shape == (80, 160, 160, 3)  # eager by default
 
 

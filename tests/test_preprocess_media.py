@@ -13,7 +13,8 @@ from preprocessing.face import FaceDetector, detect_frames
 from preprocessing.face_model import ensure_face_model
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
-from preprocessing.shards import decode_sample, encode_sample, fbank_window, iter_shards, write_shard
+from preprocessing.shard_index import read_index, read_samples, write_shard
+from preprocessing.shards import decode_sample, encode_sample, fbank_window
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +127,10 @@ def test_crop_is_centred_on_the_face(tmp_path, speech, detector, detect_every, e
     clip = ClipRecord(clip_id="face/clip.1", video=path.name, speaker="s1", fold=1)
     settings = PreprocessSettings(detect_every=detect_every)
     sample = process_clip(info, clip, "face_clip_1", settings, detector, {})
-    write_shard(tmp_path / "shard.tar", [sample])
-    (decoded,) = list(iter_shards([tmp_path / "shard.tar"]))
+    index = write_shard(tmp_path / "shard.tar", [sample])
+    (raw,) = list(read_samples(read_index(tmp_path / "shard.tar")))
+    decoded = decode_sample(raw)
+    assert index.clip_ids == ["face/clip.1"] and index.size == (tmp_path / "shard.tar").stat().st_size
     assert decoded.frames.shape == (50, 160, 160, 3) and decoded.frames.dtype == np.uint8
     assert decoded.fbank.shape == (1 + (32000 - 400) // 160, 128) and decoded.fbank.dtype == np.float32
     meta = decoded.meta

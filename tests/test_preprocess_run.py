@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from media import speech_wav, write_clip
 
+from preprocessing.fileio import TEMP_GLOB
 from preprocessing.manifest import ClipRecord, DatasetInfo, write_manifest
 from preprocessing.run import preprocess
 from preprocessing.settings import PreprocessSettings
-from preprocessing.shards import iter_shards
+from preprocessing.shard_index import check_shard, list_shards, read_index, read_samples
+from preprocessing.shards import ClipSample, decode_sample
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +28,16 @@ EXPECTED = {
     "too_short": "too_short", "odd_size": "ok", "rotated": "ok", "vfr": "ok", "stereo_8k": "ok",
     "odd_path": "ok", "separate_audio": "ok", "segment": "ok",
 }
+
+
+def processed_clips(out: Path) -> list[ClipSample]:
+    """Every clip of a preprocessed folder, read through the shard indexes (each shard checked against its own)."""
+    clips = []
+    for path in list_shards(out):
+        index = read_index(path)
+        check_shard(index)
+        clips += [decode_sample(raw) for raw in read_samples(index)]
+    return clips
 
 
 def _make_corpus(root: Path) -> list[ClipRecord]:
@@ -91,7 +103,7 @@ def test_corpus_on_ray_then_rerun_does_nothing(corpus, tmp_path):
     assert set(summary["stage_seconds"]) == {"decode", "detect", "align_crop", "fbank", "encode", "write"}
     assert json.loads((out / "summary.json").read_text())["failed"] == summary["failed"]
 
-    samples = {s.meta["clip_id"]: s for s in iter_shards(sorted((out / "shards").glob("shard-*.tar")))}
+    samples = {s.meta["clip_id"]: s for s in processed_clips(out)}
     assert sorted(samples) == sorted(k for k, v in EXPECTED.items() if v == "ok")
     for sample in samples.values():
         meta = sample.meta
@@ -144,8 +156,8 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
 
     summary = preprocess(manifest, out, PreprocessSettings(shard_size=1, use_ray=False, progress=False))
     assert summary["ok"] == 8 and summary["units_processed_now"] <= 8 - 3
-    assert not [path for path in out.rglob(".*tmp-*")]
-    ids = [s.meta["clip_id"] for s in iter_shards(sorted((out / "shards").glob("shard-*.tar")))]
+    assert not [path for path in out.rglob(TEMP_GLOB)]
+    ids = [s.meta["clip_id"] for s in processed_clips(out)]
     assert sorted(ids) == [f"clip{i}" for i in range(8)]
     assert set(_status(out)) == set(ids)
 
@@ -162,5 +174,5 @@ def test_changed_settings_redo_the_work(tmp_path):
     first = preprocess(manifest, tmp_path / "out", PreprocessSettings(use_ray=False, progress=False))
     second = preprocess(manifest, tmp_path / "out", PreprocessSettings(use_ray=False, progress=False, fps=30))
     assert first["units_processed_now"] == second["units_processed_now"] == 1
-    (sample,) = list(iter_shards(sorted((tmp_path / "out" / "shards").glob("*.tar"))))
+    (sample,) = processed_clips(tmp_path / "out")
     assert sample.meta["fps"] == 30 and sample.frames.shape[0] == 30

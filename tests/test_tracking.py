@@ -16,7 +16,6 @@ from pipeline.tracking import (
     config_params,
     flatten,
     git_commit,
-    hash_directory,
     log_metrics,
     log_table,
     start_stage_run,
@@ -46,10 +45,8 @@ def mlflow_state():
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A git checkout with one commit and a shard folder, shared by the module's tests; returns (root, commit)."""
+    """A git checkout with one commit, shared by the module's tests; returns (root, commit)."""
     root = tmp_path_factory.mktemp("project")
-    (root / "data" / "shards").mkdir(parents=True)
-    (root / "data" / "shards" / "shard-000000.tar").write_bytes(b"clip" * 100)
     git = ["git", "-C", str(root), "-c", "user.name=test", "-c", "user.email=test@example.org"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
@@ -59,7 +56,7 @@ def project(tmp_path_factory):
 
 def log_stage_with_fold(root, experiment):
     """A stage run with one nested fold run that logs metrics, a figure and a table; returns both runs."""
-    data_hash = hash_directory(root / "data" / "shards")
+    data_hash = "0f" * 32
     with start_stage_run("finetune", CONFIG, experiment, run_name="stage", data_hash=data_hash,
                          tags={"dataset": "demo"}, project_root=root) as stage:
         log_metrics({"test": {"uar_mean": 0.5}})
@@ -95,19 +92,6 @@ def test_git_commit_outside_a_checkout(tmp_path):
     assert git_commit(tmp_path) == "unknown"
 
 
-def test_hash_directory(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.bin").write_bytes(b"123")
-    first = hash_directory(tmp_path)
-    assert hash_directory(tmp_path) == first
-    (tmp_path / "a" / "x.bin").write_bytes(b"124")
-    assert hash_directory(tmp_path) != first  # same name and size, other bytes
-    (tmp_path / "a" / "x.bin").write_bytes(b"123")
-    (tmp_path / "a" / "x.bin").rename(tmp_path / "a" / "y.bin")
-    assert hash_directory(tmp_path) != first
-    assert len(first) == 64
-
-
 def test_local_store(project, tmp_path, mlflow_state, monkeypatch):
     root, commit = project
     elsewhere = tmp_path / "elsewhere"
@@ -123,7 +107,7 @@ def test_local_store(project, tmp_path, mlflow_state, monkeypatch):
     tags = stage_run.data.tags
     assert tags["git_commit"] == tags["mlflow.source.git.commit"] == commit
     assert tags["dvc_stage"] == "finetune" and tags["dataset"] == "demo"
-    assert tags["data_hash"] == hash_directory(root / "data" / "shards")
+    assert tags["data_hash"] == "0f" * 32
     assert fold_run.data.tags["mlflow.parentRunId"] == stage.info.run_id
     assert fold_run.data.metrics == {"val/uar": 0.45}
     assert [m.value for m in client.get_metric_history(fold.info.run_id, "val/uar")] == [0.3, 0.45]

@@ -1,0 +1,137 @@
+"""Shard files on disk: each shard with an index of its samples' byte offsets, checked against its recorded size
+and sha256, and read one sample at a time.
+
+A preprocessed dataset folder holds ``shards/shard-XXXXXX.tar`` and beside each its index
+``shard-XXXXXX.index.json``::
+
+    {"shard": "shard-000000.tar", "size": <bytes>, "sha256": "<hex>",
+     "samples": [{"key": "...", "clip_id": "...", "members": {"frames.jpgs": [offset, size], ...}}, ...]}
+
+plus ``units/`` (preprocessing.units), ``status.jsonl`` (one row per manifest clip) and ``summary.json``.
+A tar member's bytes lie at a fixed offset, so fine-tuning reads any clip with one seek per member (random
+access: only the clips of a fold's split are read), while pre-training streams whole shards sequentially.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+from preprocessing.errors import InputError
+from preprocessing.fileio import atomic_path, sha256_file, write_json
+from preprocessing.shards import META_FIELD
+
+SHARDS_DIR, STATUS_FILE, SUMMARY_FILE = "shards", "status.jsonl", "summary.json"
+INDEX_SUFFIX = ".index.json"
+
+
+class DamagedShard(InputError):
+    """A shard that does not match its index (truncated, overwritten, missing): its data cannot be trusted."""
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """One shard: its path, recorded size and sha256, and per sample the byte range of every member."""
+
+    path: str
+    size: int
+    sha256: str
+    samples: list[dict]
+
+    @property
+    def clip_ids(self) -> list[str]:
+        return [sample["clip_id"] for sample in self.samples]
+
+
+def shard_file(processed_dir: str | os.PathLike, index: int) -> Path:
+    return Path(processed_dir) / SHARDS_DIR / f"shard-{index:06d}.tar"
+
+
+def index_file(shard: str | os.PathLike) -> Path:
+    shard = Path(shard)
+    return shard.with_name(shard.name.removesuffix(".tar") + INDEX_SUFFIX)
+
+
+def list_shards(processed_dir: str | os.PathLike) -> list[str]:
+    """The shards of a preprocessed dataset folder, sorted; an error naming the folder when there are none."""
+    paths = sorted(str(p) for p in (Path(processed_dir) / SHARDS_DIR).glob("shard-*.tar"))
+    if not paths:
+        raise FileNotFoundError(f"{processed_dir}: no shards under {SHARDS_DIR}/ (has preprocessing run?)")
+    return paths
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> ShardIndex:
+    """Write encoded samples (``shards.encode_sample``) to ``path`` and its index, both atomically.
+
+    The shard has no time stamps, so the same samples give the same bytes.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as stream:
+            writer = wds.TarWriter(stream, mtime=0)
+            for sample in samples:
+                writer.write(sample)
+            writer.close()
+        index = ShardIndex(str(path), tmp.stat().st_size, sha256_file(tmp), member_offsets(tmp))
+    write_json(index_file(path), {"shard": path.name, "size": index.size, "sha256": index.sha256,
+                                  "samples": index.samples})
+    return index
+
+
+def member_offsets(path: str | os.PathLike) -> list[dict]:
+    """Per sample of a tar shard (in order): key, clip id and ``[offset, size]`` of each member's bytes."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, field = member.name.split(".", 1)
+            sample = samples.setdefault(key, {"key": key, "members": {}})
+            sample["members"][field] = [member.offset_data, member.size]
+            if field == META_FIELD:
+                sample["clip_id"] = json.loads(tar.extractfile(member).read())["clip_id"]
+    return list(samples.values())
+
+
+def read_index(shard: str | os.PathLike) -> ShardIndex:
+    """A shard's index; DamagedShard when it is missing or unreadable."""
+    path = index_file(shard)
+    try:
+        data = json.loads(path.read_text())
+        return ShardIndex(str(shard), int(data["size"]), data["sha256"], data["samples"])
+    except (OSError, ValueError, KeyError) as err:
+        raise DamagedShard(f"{path}: missing or unreadable ({type(err).__name__})") from None
+
+
+def check_shard(index: ShardIndex, full: bool = True) -> None:
+    """Raise DamagedShard unless the shard has its recorded size (and, when ``full``, its sha256)."""
+    try:
+        size = os.path.getsize(index.path)
+    except OSError:
+        raise DamagedShard(f"{index.path}: missing") from None
+    if size != index.size:
+        raise DamagedShard(f"{index.path}: damaged: {size} bytes, its index records {index.size}")
+    if full and sha256_file(index.path) != index.sha256:
+        raise DamagedShard(f"{index.path}: damaged: its sha256 differs from the one its index records")
+
+
+def read_member_bytes(handle, sample: dict) -> dict[str, bytes]:
+    """One sample's raw fields (field -> bytes, as ``webdataset.WebDataset`` yields them) read from an open shard."""
+    raw = {}
+    for field, (offset, size) in sample["members"].items():
+        handle.seek(offset)
+        raw[field] = handle.read(size)
+        if len(raw[field]) != size:
+            raise DamagedShard(f"{getattr(handle, 'name', 'shard')}: damaged: {sample['key']}.{field} is cut short")
+    return raw
+
+
+def read_samples(index: ShardIndex) -> Iterator[dict[str, bytes]]:
+    """Every sample of a shard in order, as raw fields (``shards.decode_sample`` decodes one)."""
+    with open(index.path, "rb") as handle:
+        for sample in index.samples:
+            yield read_member_bytes(handle, sample)
