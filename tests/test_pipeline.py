@@ -32,7 +32,7 @@ def write_params(path: Path, raw: Path, **sections) -> Path:
                      "optim": {"warmup_epochs": 0}},
         "finetune": {"model": TINY_MODEL, "epochs": 2, "batch_size": 4, "folds": [1, 2],
                      "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},  # DDP on gloo, as a cluster runs it
         **sections,
     }
     path.write_text(yaml.safe_dump(params))
