@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from model.constants import IMAGENET_MEAN, IMAGENET_STD
+
 MAX_LEVEL = 10.0
 FILL_COLOR = (128, 128, 128)  # the reference passes no image mean to RandAugment, so the default grey is used
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from model.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     INCREASING_OPS,
     ORIGINAL_OPS,
     AugmentConfig,
