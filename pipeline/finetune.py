@@ -22,10 +22,11 @@ from model import HiCMAEClassifier, load_reference_weights
 from preprocessing.manifest import ClipRecord, DatasetInfo, read_manifest, split_for_fold
 
 from . import raytrain
-from .augment import label_smoothing_cross_entropy, mixup_cutmix, soft_target_cross_entropy
+from .augment import mixup_cutmix
 from .config import FinetuneSettings, Params
 from .data import ClipWindows, finetune_eval_examples, finetune_train_examples, make_loader, shard_paths
 from .export import export_checkpoint
+from .losses import label_smoothing_cross_entropy, soft_target_cross_entropy
 from .metrics import aggregate_folds, classification_metrics, regression_metrics, selection_metric
 from .optim import build_optimizer, lr_at, optimizer_step, scaled_lrs, set_lr
 
