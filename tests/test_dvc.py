@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow_server import mlflow_server  # noqa: F401
-from test_pipeline import TINY_MODEL
 
 from pipeline.ablations import check_ablations, load_ablations, overrides
 from pipeline.config import PROJECT_ROOT, load_params
@@ -81,9 +80,11 @@ def shrink_params(path: Path) -> None:
     tree["demo"] = {"seed": 0, "speakers": 5, "clips_per_speaker": 2}
     tree["experiment"] = EXPERIMENT
     tree["preprocess"].update(shard_size=8, use_ray=False)  # Ray Data is tested in test_pipeline.py
-    for section in ("pretrain", "finetune"):
-        tree[section]["model"]["size"] = TINY_MODEL["size"]
-        tree[section]["model"]["overrides"].update(TINY_MODEL["overrides"])
+    demo_model = tree["anchors"]["model_demo"]
+    for section in ("pretrain", "finetune"):  # the test size in place of the demo's; each section's switches stay
+        model = tree[section]["model"]
+        model["size"] = "hicmae_test"
+        model["overrides"] = {key: value for key, value in model["overrides"].items() if key not in demo_model}
     tree["pretrain"].update(epochs=1, batch_size=4, optim={"warmup_epochs": 0})
     tree["finetune"].update(epochs=1, batch_size=4, folds=[1], test_views=1,
                             optim={"warmup_epochs": 0, "layer_decay": 0.75})

@@ -17,20 +17,14 @@ from preprocessing.datasets.demo import generate_demo
 
 pytestmark = pytest.mark.slow
 
-TINY_MODEL = {"size": "hicmae_tiny", "overrides": {
-    "embed_dim": 32, "num_heads": 1, "audio_embed_dim": 32, "audio_num_heads": 1, "fusion_num_heads": 1,
-    "depth": 3, "audio_depth": 3, "fusion_depth": 1, "hierarchy_layers": [0, 1, 2], "decoder_embed_dim": 16,
-    "decoder_num_heads": 1, "audio_decoder_embed_dim": 16, "audio_decoder_num_heads": 1}}
-
-
 def write_params(path: Path, raw: Path, **sections) -> Path:
     params = {
         "datasets": {"demo": {"root": str(raw)}},
         "experiment": "e2e",
         "preprocess": {"shard_size": 8, "workers": 2},
-        "pretrain": {"dataset": "demo", "model": TINY_MODEL, "epochs": 1, "batch_size": 4,
+        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": 1, "batch_size": 4,
                      "optim": {"warmup_epochs": 0}},
-        "finetune": {"model": TINY_MODEL, "epochs": 2, "batch_size": 4, "folds": [1, 2],
+        "finetune": {"model": {"size": "hicmae_test"}, "epochs": 2, "batch_size": 4, "folds": [1, 2],
                      "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         **sections,

@@ -29,7 +29,6 @@ import pytest
 import torch
 import yaml
 from mlflow_server import mlflow_server  # noqa: F401
-from test_pipeline import TINY_MODEL
 
 from pipeline import cli
 from pipeline.config import PROJECT_ROOT
@@ -153,7 +152,7 @@ def write_params(path: Path, raw: Path) -> Path:
         "datasets": {"demo": {"root": str(raw)}},
         "experiment": EXPERIMENT,
         "preprocess": {"shard_size": 5, "use_ray": False, "progress": False},
-        "pretrain": {"dataset": "demo", "model": TINY_MODEL, "epochs": PRETRAIN_EPOCHS, "batch_size": 4,
+        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": PRETRAIN_EPOCHS, "batch_size": 4,
                      "checkpoint_every": 1, "optim": {"warmup_epochs": 1}},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
     }

@@ -29,9 +29,7 @@ from pipeline.plots import embedding_maps_figure
 from preprocessing.manifest import DatasetInfo, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(img_size=32, num_frames=4, audio_frames=32, audio_mel_bins=32, embed_dim=16, audio_embed_dim=16,
-            depth=2, audio_depth=2, fusion_depth=1, num_heads=1, audio_num_heads=1, fusion_num_heads=1,
-            hierarchy_layers=(0, 1, 1))
+SMALL_INPUTS = dict(img_size=32, num_frames=4, audio_frames=32, audio_mel_bins=32)  # the shapes of eval_batches
 FOLDS = (1, 2)
 CLIPS_PER_FOLD, VIEWS, BATCH = 6, 2, 4
 DATASETS = {
@@ -45,7 +43,7 @@ DATASETS = {
 def tiny_net(info: DatasetInfo, seed: int) -> model.HiCMAEClassifier:
     torch.manual_seed(seed)
     outputs = len(info.classes) if info.task == "classification" else len(info.targets)
-    return model.create_finetune_model("hicmae_tiny", outputs, **TINY).eval()
+    return model.create_finetune_model("hicmae_test", outputs, **SMALL_INPUTS).eval()
 
 
 def eval_batches(info: DatasetInfo, fold: int) -> list[dict]:
@@ -144,7 +142,7 @@ def test_fold_files_hold_embeddings_and_history(workspace):
     fold = root / "runs" / "werewolf-xl" / "finetune" / "fold-1"
     embeddings = report.read_embeddings([fold / report.EMBEDDINGS_FILE])
     assert sorted(embeddings) == ["audio", "clip_id", "fused", "truth", "video"]
-    assert embeddings["fused"].shape == (CLIPS_PER_FOLD, 64) and embeddings["fused"].dtype == np.float32
+    assert embeddings["fused"].shape == (CLIPS_PER_FOLD, 4 * 32) and embeddings["fused"].dtype == np.float32
     assert embeddings["truth"].shape == (CLIPS_PER_FOLD, 3)
     history = report.read_history(fold / raytrain.HISTORY_FILE)
     assert [row["epoch"] for row in history] == [0, 1, 2, 3] and history[0]["val/ccc_mean"] == pytest.approx(0.2)
