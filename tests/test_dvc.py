@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow_server import mlflow_server  # noqa: F401
 
 from pipeline.ablations import check_ablations, load_ablations, overrides
 from pipeline.config import PROJECT_ROOT, load_params
@@ -130,7 +129,7 @@ def kill_leftovers(root: Path) -> None:
 
 
 @pytest.fixture
-def project(tmp_path, mlflow_server):  # noqa: F811
+def project(tmp_path, mlflow_server):
     if shutil.which("git") is None or not (VENV_BIN / "dvc").exists():
         pytest.skip("needs git and the project's dvc")
     root = tmp_path / "project"
@@ -154,7 +153,7 @@ def project(tmp_path, mlflow_server):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_repro_is_incremental_and_ablations_compare_in_mlflow(project, mlflow_server):  # noqa: F811
+def test_repro_is_incremental_and_ablations_compare_in_mlflow(project, mlflow_server):
     # 1. A fresh copy: `dvc repro` runs every stage.
     assert ran(project.dvc("repro")) == set(ALL_STAGES)
     project.commit("pipeline state")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import yaml
 from matplotlib.image import imread
-from mlflow_server import mlflow_server  # noqa: F401
 
 from pipeline import cli
 from preprocessing.datasets.demo import generate_demo
@@ -40,7 +39,7 @@ def workdir(tmp_path_factory):
     return root
 
 
-def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server, monkeypatch):  # noqa: F811
+def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("HICMAE_WORKDIR", str(workdir))
     params = str(write_params(workdir / "params.yaml", workdir / "raw"))

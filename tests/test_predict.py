@@ -24,20 +24,11 @@ from preprocessing.clip import process_clip
 from preprocessing.datasets import demo
 from preprocessing.decode import MediaError
 from preprocessing.face import FaceDetector
-from preprocessing.face_model import ensure_face_model
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample
 
 FRAMES = round(demo.DURATION * demo.FPS)  # 70 frames of 256 x 256 per demo clip
-
-
-@pytest.fixture(scope="module")
-def face_model() -> str:
-    try:
-        return str(ensure_face_model())
-    except RuntimeError as err:
-        pytest.skip(f"face model not available: {err}")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 from matplotlib.image import imread
-from mlflow_server import mlflow_server  # noqa: F401
 
 import model
 from pipeline import finetune, raytrain, report, stages
@@ -103,7 +102,7 @@ def workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reported(workspace, mlflow_server):  # noqa: F811
+def reported(workspace, mlflow_server):
     """``stage_report`` run once on the workspace, tracked in the test server; its returned Markdown."""
     root, summaries = workspace
     params = Params(datasets={name: DatasetEntry(root=info.root) for name, info in DATASETS.items()},
@@ -203,7 +202,7 @@ def test_every_plot_exists_and_decodes(reported):
         (root / "runs" / "pretrain" / raytrain.HISTORY_FILE).read_bytes()
 
 
-def test_report_run_in_mlflow_has_the_artifacts(reported, mlflow_server):  # noqa: F811
+def test_report_run_in_mlflow_has_the_artifacts(reported, mlflow_server):
     experiment = mlflow_server.get("experiments/get-by-name", experiment_name="report-test")["experiment"]
     runs = mlflow_server.post("runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
     (run,) = [r for r in runs if r["info"]["run_name"] == "report"]
