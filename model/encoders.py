@@ -1,11 +1,16 @@
-"""The three transformer stacks of HiCMAE: modality encoder, cross-modal fusion encoder, decoder."""
+"""The three transformer stacks of HiCMAE: modality encoder, cross-modal fusion encoder, decoder.
+
+``video_encoder``, ``audio_encoder`` and ``fusion_encoder`` build the encoders of a config; the pre-training
+and the fine-tuning model both take theirs from these.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .layers import Block, CrossSelfBlock, drop_path_schedule, sincos_table
+from .config import HiCMAEConfig
+from .layers import AudioPatchEmbed, Block, CrossSelfBlock, VideoPatchEmbed, drop_path_schedule, sincos_table
 from .masking import gather_tokens
 
 
@@ -16,13 +21,13 @@ class ModalityEncoder(nn.Module):
     used by the hierarchical skip connections, the contrastive loss and hierarchical feature fusion.
     """
 
-    def __init__(self, patch_embed: nn.Module, num_tokens: int, dim: int, depth: int, num_heads: int,
+    def __init__(self, patch_embed: nn.Module, *, num_tokens: int, dim: int, depth: int, num_heads: int,
                  mlp_ratio: float, norm_eps: float, drop_path_rate: float):
         super().__init__()
         self.patch_embed = patch_embed
         self.register_buffer("pos_embed", sincos_table(num_tokens, dim), persistent=False)
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, norm_eps, rate)
+            Block(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps, drop_path=rate)
             for rate in drop_path_schedule(drop_path_rate, depth)
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
@@ -48,16 +53,17 @@ class FusionEncoder(nn.Module):
     v' = blocks[i](v, ctx=a), a' = blocks_audio[i](a, ctx=v); then separate final LayerNorms.
     """
 
-    def __init__(self, video_dim: int, audio_dim: int, depth: int, num_heads: int, mlp_ratio: float,
+    def __init__(self, *, video_dim: int, audio_dim: int, depth: int, num_heads: int, mlp_ratio: float,
                  norm_eps: float, drop_path_rate: float):
         super().__init__()
         rates = drop_path_schedule(drop_path_rate, depth)
+        common = dict(num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps)
         self.blocks = nn.ModuleList(
-            CrossSelfBlock(video_dim, num_heads, mlp_ratio, norm_eps, rate, context_dim=audio_dim) for rate in rates
+            CrossSelfBlock(video_dim, **common, drop_path=rate, context_dim=audio_dim) for rate in rates
         )
         self.norm = nn.LayerNorm(video_dim, eps=norm_eps)
         self.blocks_audio = nn.ModuleList(
-            CrossSelfBlock(audio_dim, num_heads, mlp_ratio, norm_eps, rate, context_dim=video_dim) for rate in rates
+            CrossSelfBlock(audio_dim, **common, drop_path=rate, context_dim=video_dim) for rate in rates
         )
         self.norm_audio = nn.LayerNorm(audio_dim, eps=norm_eps)
 
@@ -76,13 +82,13 @@ class Decoder(nn.Module):
     is plain (the paper's ablation). Only the masked tokens are predicted.
     """
 
-    def __init__(self, num_tokens: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
+    def __init__(self, *, num_tokens: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
                  norm_eps: float, out_dim: int, skip_connections: bool):
         super().__init__()
         self.register_buffer("pos_embed", sincos_table(num_tokens, dim), persistent=False)
+        common = dict(num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps)
         self.blocks = nn.ModuleList(
-            CrossSelfBlock(dim, num_heads, mlp_ratio, norm_eps) if skip_connections and i > 0
-            else Block(dim, num_heads, mlp_ratio, norm_eps)
+            CrossSelfBlock(dim, **common) if skip_connections and i > 0 else Block(dim, **common)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
@@ -96,3 +102,28 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, skips[-i] if i > 0 and isinstance(block, CrossSelfBlock) else None)
         return self.head(self.norm(x[:, -num_masked:]))
+
+
+def video_encoder(cfg: HiCMAEConfig) -> ModalityEncoder:
+    """The video encoder of ``cfg``: tubelet embedding, then ``depth`` blocks ``embed_dim`` wide."""
+    return ModalityEncoder(
+        VideoPatchEmbed(tubelet_size=cfg.tubelet_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim),
+        num_tokens=cfg.num_video_tokens, dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps, drop_path_rate=cfg.drop_path_rate)
+
+
+def audio_encoder(cfg: HiCMAEConfig) -> ModalityEncoder:
+    """The audio encoder of ``cfg``: log-mel patch embedding, then ``audio_depth`` blocks ``audio_embed_dim`` wide."""
+    return ModalityEncoder(
+        AudioPatchEmbed(patch_size=cfg.audio_patch_size, embed_dim=cfg.audio_embed_dim),
+        num_tokens=cfg.num_audio_tokens, dim=cfg.audio_embed_dim, depth=cfg.audio_depth,
+        num_heads=cfg.audio_num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
+        drop_path_rate=cfg.drop_path_rate)
+
+
+def fusion_encoder(cfg: HiCMAEConfig) -> FusionEncoder:
+    """The cross-modal fusion encoder of ``cfg``: ``fusion_depth`` layers between the two encoders' widths."""
+    return FusionEncoder(
+        video_dim=cfg.embed_dim, audio_dim=cfg.audio_embed_dim, depth=cfg.fusion_depth,
+        num_heads=cfg.fusion_num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
+        drop_path_rate=cfg.drop_path_rate)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .config import HiCMAEConfig
-from .encoders import FusionEncoder, ModalityEncoder
-from .layers import AudioPatchEmbed, VideoPatchEmbed, init_trunc_normal
+from .encoders import ModalityEncoder, audio_encoder, fusion_encoder, video_encoder
+from .layers import init_trunc_normal
 
 HEAD_ACTIVATIONS = {"none": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -47,18 +47,11 @@ class HiCMAEClassifier(nn.Module):
         if hierarchical and "audio" in self.modalities:
             self.audio_layer_weights = nn.Parameter(torch.full((cfg.audio_depth,), 1.0 / cfg.audio_depth))
         if "video" in self.modalities:
-            self.encoder = ModalityEncoder(
-                VideoPatchEmbed(cfg.tubelet_size, cfg.patch_size, cfg.embed_dim), cfg.num_video_tokens,
-                cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.drop_path_rate)
+            self.encoder = video_encoder(cfg)
         if "audio" in self.modalities:
-            self.encoder_audio = ModalityEncoder(
-                AudioPatchEmbed(cfg.audio_patch_size, cfg.audio_embed_dim), cfg.num_audio_tokens,
-                cfg.audio_embed_dim, cfg.audio_depth, cfg.audio_num_heads, cfg.mlp_ratio, cfg.norm_eps,
-                cfg.drop_path_rate)
+            self.encoder_audio = audio_encoder(cfg)
         if len(self.modalities) == 2:
-            self.encoder_fusion = FusionEncoder(
-                cfg.embed_dim, cfg.audio_embed_dim, cfg.fusion_depth, cfg.fusion_num_heads, cfg.mlp_ratio,
-                cfg.norm_eps, cfg.drop_path_rate)
+            self.encoder_fusion = fusion_encoder(cfg)
         width = {"video": cfg.embed_dim, "audio": cfg.audio_embed_dim}
         self.embed_dim = 2 * sum(width[m] for m in self.modalities)
         self.fc_norm = nn.LayerNorm(self.embed_dim, eps=cfg.norm_eps)

@@ -91,7 +91,7 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head cross-attention: queries from x, keys and values from a context sequence."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
+    def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=False)
@@ -113,11 +113,12 @@ class CrossAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block: x += attn(norm1 x); x += mlp(norm2 x)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float, drop_path: float = 0.0):
+    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float, norm_eps: float, drop_path: float = 0.0):
         super().__init__()
-        self._add_self_attention(dim, num_heads, mlp_ratio, norm_eps, drop_path)
+        self._add_self_attention(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+                                 drop_path=drop_path)
 
-    def _add_self_attention(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float,
+    def _add_self_attention(self, dim: int, *, num_heads: int, mlp_ratio: float, norm_eps: float,
                             drop_path: float) -> None:
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
@@ -137,13 +138,14 @@ class CrossSelfBlock(Block):
     The cross-attention parts are registered first so state-dict keys come in the reference's order.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float, drop_path: float = 0.0,
+    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float, norm_eps: float, drop_path: float = 0.0,
                  context_dim: int | None = None):
         nn.Module.__init__(self)
-        self.cross_attn = CrossAttention(dim, num_heads, context_dim)
+        self.cross_attn = CrossAttention(dim, num_heads, context_dim=context_dim)
         self.cross_norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.cross_norm2 = nn.LayerNorm(context_dim or dim, eps=norm_eps)
-        self._add_self_attention(dim, num_heads, mlp_ratio, norm_eps, drop_path)
+        self._add_self_attention(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+                                 drop_path=drop_path)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path(self.cross_attn(self.cross_norm1(x), self.cross_norm2(context)))
@@ -153,7 +155,7 @@ class CrossSelfBlock(Block):
 class VideoPatchEmbed(nn.Module):
     """(B, 3, T, H, W) -> (B, T'H'W', C) tokens in (t, h, w) order, via a tubelet Conv3d."""
 
-    def __init__(self, tubelet_size: int, patch_size: int, embed_dim: int, in_chans: int = 3):
+    def __init__(self, *, tubelet_size: int, patch_size: int, embed_dim: int, in_chans: int = 3):
         super().__init__()
         size = (tubelet_size, patch_size, patch_size)
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=size, stride=size)
@@ -165,7 +167,7 @@ class VideoPatchEmbed(nn.Module):
 class AudioPatchEmbed(nn.Module):
     """(B, 1, time, mel) -> (B, time' * mel', C) tokens in (time, mel) order, via a Conv2d."""
 
-    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 1):
+    def __init__(self, *, patch_size: int, embed_dim: int, in_chans: int = 1):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 

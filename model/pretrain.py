@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HiCMAEConfig
-from .encoders import Decoder, FusionEncoder, ModalityEncoder
-from .layers import AudioPatchEmbed, VideoPatchEmbed, init_xavier
+from .encoders import Decoder, ModalityEncoder, audio_encoder, fusion_encoder, video_encoder
+from .layers import init_xavier
 from .masking import gather_tokens, mask_to_ids
 from .objectives import audio_target, contrastive_logits, symmetric_info_nce, video_target
 
@@ -41,25 +41,20 @@ class HiCMAEPretrain(nn.Module):
         self.cfg = cfg
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
         self.mask_token_audio = nn.Parameter(torch.zeros(1, 1, cfg.audio_decoder_embed_dim))
-        self.encoder = ModalityEncoder(
-            VideoPatchEmbed(cfg.tubelet_size, cfg.patch_size, cfg.embed_dim), cfg.num_video_tokens,
-            cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.drop_path_rate)
+        # Created in the reference's order, which is the state dict's order and the order of random init.
+        self.encoder = video_encoder(cfg)
         self.decoder = Decoder(
-            cfg.num_video_tokens, cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
-            cfg.mlp_ratio, cfg.norm_eps, cfg.video_patch_dim, cfg.decoder_skip_connections)
+            num_tokens=cfg.num_video_tokens, dim=cfg.decoder_embed_dim, depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
+            out_dim=cfg.video_patch_dim, skip_connections=cfg.decoder_skip_connections)
         self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
-        self.encoder_audio = ModalityEncoder(
-            AudioPatchEmbed(cfg.audio_patch_size, cfg.audio_embed_dim), cfg.num_audio_tokens,
-            cfg.audio_embed_dim, cfg.audio_depth, cfg.audio_num_heads, cfg.mlp_ratio, cfg.norm_eps,
-            cfg.drop_path_rate)
+        self.encoder_audio = audio_encoder(cfg)
         self.decoder_audio = Decoder(
-            cfg.num_audio_tokens, cfg.audio_decoder_embed_dim, cfg.audio_decoder_depth,
-            cfg.audio_decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.audio_patch_dim,
-            cfg.decoder_skip_connections)
+            num_tokens=cfg.num_audio_tokens, dim=cfg.audio_decoder_embed_dim, depth=cfg.audio_decoder_depth,
+            num_heads=cfg.audio_decoder_num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
+            out_dim=cfg.audio_patch_dim, skip_connections=cfg.decoder_skip_connections)
         self.encoder_to_decoder_audio = nn.Linear(cfg.audio_embed_dim, cfg.audio_decoder_embed_dim, bias=False)
-        self.encoder_fusion = FusionEncoder(
-            cfg.embed_dim, cfg.audio_embed_dim, cfg.fusion_depth, cfg.fusion_num_heads, cfg.mlp_ratio,
-            cfg.norm_eps, cfg.drop_path_rate)
+        self.encoder_fusion = fusion_encoder(cfg)
         self._init_weights()
 
     def _init_weights(self) -> None:

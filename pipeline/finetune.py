@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from model import HiCMAEClassifier, load_reference_weights
 from preprocessing.manifest import DatasetInfo
 
-from .augment import label_smoothing_cross_entropy, mixup_cutmix, soft_target_cross_entropy
+from .augment import mixup_cutmix
 from .data import ClipDataset, evaluation_loader, training_loader
 from .evaluation import clip_outputs, gather_outputs, model_inputs, score, test_files
 from .examples import finetune_eval_examples, finetune_train_examples
+from .losses import label_smoothing_cross_entropy, soft_target_cross_entropy
 from .metrics import selection_metric
 from .optim import optimizer_step
 from .sampling import GlobalBatchSampler, rank_share

@@ -42,7 +42,8 @@ from preprocessing.fileio import atomic_path, atomic_write_text
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample, encode_sample
 
-from .data import collate, finetune_eval_examples, window_starts
+from .data import collate
+from .examples import finetune_eval_examples, window_starts
 from .export import load_exported, output_names
 from .settings import WindowSettings
 

@@ -1,10 +1,8 @@
 """A real ``mlflow server`` on loopback for tests, with plain-HTTP access to its REST API.
 
-In a test module (the fixture is session-scoped: one server for the whole test run)::
+Tests get one server for the whole run through the session-scoped ``mlflow_server`` fixture of conftest.py::
 
-    from mlflow_server import mlflow_server  # noqa: F401
-
-    def test_logging(mlflow_server, monkeypatch):  # noqa: F811
+    def test_logging(mlflow_server, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
         ...
         runs = mlflow_server.post("runs/search", {"experiment_ids": ["1"]})["runs"]
@@ -29,8 +27,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
@@ -127,10 +123,3 @@ def running_mlflow_server(folder: str | Path, timeout: float = STARTUP_TIMEOUT_S
         yield server
     finally:
         _stop(process)
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
-    """One real mlflow server for the test session."""
-    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
-        yield server

@@ -7,32 +7,26 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from model.constants import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.augment import AugmentConfig, eval_video_transform, mixup_cutmix, train_video_transform
+from pipeline.augment.config import parse_rand_augment
+from pipeline.augment.mixing import mix_targets, sample_cutmix_box
+from pipeline.augment.rand_augment import (
     INCREASING_OPS,
     ORIGINAL_OPS,
-    AugmentConfig,
     RandAugmentOp,
     affine_clip,
     apply_rand_augment,
     autocontrast_clip,
     equalize_clip,
-    eval_video_transform,
     invert_table,
-    label_smoothing_cross_entropy,
-    mix_targets,
-    mixup_cutmix,
-    parse_rand_augment,
     posterize_table,
     rotation_coefficients,
-    sample_cutmix_box,
     sample_rand_augment,
-    soft_target_cross_entropy,
     solarize_add_table,
     solarize_table,
-    train_video_transform,
 )
+from pipeline.losses import label_smoothing_cross_entropy, soft_target_cross_entropy
 
 NO_AUGMENTATION = AugmentConfig(rand_augment=False, random_resized_crop=False, flip=False, random_erase=False,
                                 mixup=False)
@@ -76,7 +70,7 @@ def test_config_defaults_are_the_reference_recipe():
     assert cfg.rrc_scale == (0.08, 1.0) and cfg.rrc_ratio == (0.75, 1.3333)
     assert (cfg.flip_prob, cfg.erase_prob, cfg.mixup_alpha, cfg.cutmix_alpha) == (0.5, 0.25, 0.8, 1.0)
     assert (cfg.mix_prob, cfg.switch_prob, cfg.label_smoothing, cfg.mix_audio) == (1.0, 0.5, 0.1, False)
-    assert cfg == AugmentConfig.from_rand_augment("rand-m7-n4-mstd0.5-inc1")
+    assert cfg == AugmentConfig(**parse_rand_augment("rand-m7-n4-mstd0.5-inc1"))
 
 
 def test_config_rejects_unknown_fields_and_bad_ranges():

@@ -1,16 +1,14 @@
 """The speed benchmarks run (tiny settings, CPU) and report sane figures; the loader's lazy decoding changes
-no output."""
+no output (the shard format itself: test_shards.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import struct
 import sys
 from functools import partial
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -19,7 +17,7 @@ from pipeline.data import ClipDataset, clip_catalog, verified_shards
 from pipeline.examples import finetune_eval_examples, finetune_train_examples, pretrain_examples
 from pipeline.settings import FinetuneSettings, PretrainSettings
 from preprocessing.shard_index import ShardIndex, read_samples
-from preprocessing.shards import PackedFrames, decode_frames, decode_sample, encode_frames
+from preprocessing.shards import decode_sample
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_BATCHES = ["--pretrain-batch", "2", "--finetune-batch", "2"]
@@ -51,38 +49,7 @@ def shards(loader, tmp_path_factory) -> list[ShardIndex]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Lazy frame decoding.
-
-
-def test_packed_frames_decode_only_the_indexed_frames_and_equal_full_decoding(monkeypatch):
-    ys, xs = np.mgrid[0:48, 0:64]
-    frames = np.stack([np.stack([xs * 3 + 7 * t, ys * 4, xs + ys], axis=-1) for t in range(10)]).astype(np.uint8)
-    blob = encode_frames(frames)
-    full = decode_frames(blob)
-    assert full.shape == (10, 48, 64, 3)
-    first = cv2.imdecode(np.frombuffer(blob, np.uint8, struct.unpack_from("<I", blob, 4)[0], 44), cv2.IMREAD_COLOR)
-    np.testing.assert_array_equal(full[0], first[:, :, ::-1])   # RGB, as OpenCV's BGR reversed
-    packed = PackedFrames(blob)
-    decoded = []
-    original = PackedFrames.decode
-    monkeypatch.setattr(PackedFrames, "decode", lambda self, i: decoded.append(i) or original(self, i))
-    assert len(packed) == 10 and decoded == []
-    window = np.array([2, 5, 8, 9, 9, 9])                  # a window held at the last frame
-    np.testing.assert_array_equal(packed[window], full[window])
-    assert sorted(decoded) == [2, 5, 8, 9]                 # each distinct frame once, nothing else
-    np.testing.assert_array_equal(packed[3], full[3])
-    np.testing.assert_array_equal(packed[-1], full[-1])
-    np.testing.assert_array_equal(packed[1:7:2], full[1:7:2])
-    assert packed[np.array([], dtype=int)].shape[0] == 0
-    with pytest.raises(IndexError):
-        packed[np.array([10])]
-
-
-def test_unreadable_frame_names_the_field_and_the_frame():
-    blob = bytearray(encode_frames(np.zeros((2, 16, 16, 3), np.uint8)))
-    blob[12:40] = bytes(28)                                 # the first JPEG's header
-    with pytest.raises(ValueError, match=r"frames.jpgs: frame 0 of 2"):
-        PackedFrames(bytes(blob))[0]
+# Lazy frame decoding in the data path.
 
 
 def test_training_examples_are_identical_with_lazy_decoding(shards, loader):

@@ -72,18 +72,12 @@ def test_adapter_reads_the_demo_with_speaker_disjoint_folds(demo_root: Path) -> 
     assert all((demo_root / c.video).is_file() for c in clips)
 
 
-def test_faces_are_found_by_the_face_detector(demo_root: Path) -> None:
+def test_faces_are_found_by_the_face_detector(demo_root: Path, face_model: str) -> None:
     vision = pytest.importorskip("mediapipe.tasks.python.vision")
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions
 
-    from preprocessing.face_model import ensure_face_model
-
-    try:
-        model = ensure_face_model()
-    except RuntimeError as err:
-        pytest.skip(f"face model not available: {err}")
-    options = vision.FaceDetectorOptions(base_options=BaseOptions(model_asset_path=str(model)),
+    options = vision.FaceDetectorOptions(base_options=BaseOptions(model_asset_path=face_model),
                                          min_detection_confidence=0.5)
     detector = vision.FaceDetector.create_from_options(options)
     try:

@@ -11,7 +11,6 @@ import model
 from model.masking import mask_to_ids
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
-TINY = dict(depth=2, audio_depth=2, fusion_depth=1, hierarchy_layers=(0, 1, 1))  # fast structural checks
 
 
 def inputs(cfg: model.HiCMAEConfig, batch: int = 2, seed: int = 0):
@@ -72,7 +71,7 @@ def test_finetune_forward_backward_shapes_for_every_size(name):
 
 
 def test_gradients_reach_every_pretraining_parameter():
-    net = model.create_pretrain_model("hicmae_tiny", **TINY, decoder_depth=4, audio_decoder_depth=4)
+    net = model.create_pretrain_model("hicmae_test")
     out = net(*inputs(net.cfg))
     out.loss.backward()
     without = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -81,22 +80,22 @@ def test_gradients_reach_every_pretraining_parameter():
 
 def test_contrastive_weight_zero_drops_the_contrastive_term():
     torch.manual_seed(0)
-    net = model.create_pretrain_model("hicmae_tiny", **TINY, contrastive_weight=0.0).eval()
+    net = model.create_pretrain_model("hicmae_test", contrastive_weight=0.0).eval()
     out = net(*inputs(net.cfg))
     torch.testing.assert_close(out.loss, out.loss_video + out.loss_audio)
     assert out.loss_contrastive > 0
 
 
 def test_no_skip_connections_ablation_uses_plain_decoder_blocks():
-    net = model.create_pretrain_model("hicmae_tiny", **TINY, decoder_skip_connections=False)
+    net = model.create_pretrain_model("hicmae_test", decoder_skip_connections=False)
     assert not any("cross_attn" in key for key in net.state_dict() if key.startswith("decoder"))
     out = net(*inputs(net.cfg))
     assert out.pred_video.shape[1] == 720
 
 
-@pytest.mark.parametrize("modality, width", [("video", 2 * 256), ("audio", 2 * 256), ("audio_visual", 4 * 256)])
+@pytest.mark.parametrize("modality, width", [("video", 2 * 32), ("audio", 2 * 32), ("audio_visual", 4 * 32)])
 def test_unimodal_and_audio_visual_finetuning(modality, width):
-    net = model.create_finetune_model("hicmae_tiny", 4, modality=modality, **TINY)
+    net = model.create_finetune_model("hicmae_test", 4, modality=modality)
     video, audio, _, _ = inputs(net.cfg)
     feed_video = video if modality != "audio" else None
     feed_audio = audio if modality != "video" else None
@@ -112,7 +111,7 @@ def test_unimodal_and_audio_visual_finetuning(modality, width):
 
 
 def test_last_layer_feature_fusion_ablation_has_no_layer_weights():
-    net = model.create_finetune_model("hicmae_tiny", 3, feature_fusion="last", **TINY).eval()
+    net = model.create_finetune_model("hicmae_test", 3, feature_fusion="last").eval()
     assert not any("layer_weights" in k for k in net.state_dict())
     video, audio, _, _ = inputs(net.cfg)
     feats = net.forward_features(video, audio)
@@ -120,14 +119,14 @@ def test_last_layer_feature_fusion_ablation_has_no_layer_weights():
 
 
 def test_regression_head_activation():
-    net = model.create_finetune_model("hicmae_tiny", 3, head_activation="sigmoid", **TINY)
+    net = model.create_finetune_model("hicmae_test", 3, head_activation="sigmoid")
     out = net(*inputs(net.cfg)[:2])
     assert out.shape == (2, 3) and bool(((out > 0) & (out < 1)).all())
 
 
 def test_bf16_autocast_runs_and_stays_close_to_float32():
     torch.manual_seed(0)
-    net = model.create_pretrain_model("hicmae_tiny", **TINY).eval()
+    net = model.create_pretrain_model("hicmae_test").eval()
     batch = inputs(net.cfg)
     with torch.no_grad():
         full = net(*batch).loss
@@ -163,12 +162,12 @@ def test_config_rejects_unknown_fields_and_bad_values():
 
 
 def test_loads_a_released_style_checkpoint_with_pickled_args(tmp_path):
-    source = model.create_pretrain_model("hicmae_tiny", **TINY)
+    source = model.create_pretrain_model("hicmae_test")
     args = argparse.Namespace(model="pretrain_hicmae_dim256", lr=3e-4, input_size=160)
     path = tmp_path / "checkpoint-99.pth"
     torch.save({"model": source.state_dict(), "optimizer": {}, "epoch": 99, "scaler": {}, "args": args}, path)
 
-    target = model.create_finetune_model("hicmae_tiny", 6, **TINY)
+    target = model.create_finetune_model("hicmae_test", 6)
     report = model.load_reference_weights(target, path)
     torch.testing.assert_close(target.encoder.blocks[0].attn.qkv.weight, source.encoder.blocks[0].attn.qkv.weight)
     assert "head.weight" in report.missing and "mask_token" in report.unexpected
@@ -177,8 +176,8 @@ def test_loads_a_released_style_checkpoint_with_pickled_args(tmp_path):
 
 
 def test_head_of_another_size_is_reported_not_loaded():
-    source = model.create_finetune_model("hicmae_tiny", 6, **TINY)
-    target = model.create_finetune_model("hicmae_tiny", 4, **TINY)
+    source = model.create_finetune_model("hicmae_test", 6)
+    target = model.create_finetune_model("hicmae_test", 4)
     before = target.head.weight.clone()
     report = model.load_reference_weights(target, source.state_dict())
     assert any(item.startswith("head.weight") for item in report.shape_mismatch)
@@ -193,11 +192,11 @@ def test_refuses_a_checkpoint_that_would_execute_code(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "args": Payload()}, path)
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        model.load_reference_weights(model.create_finetune_model("hicmae_tiny", 2, **TINY), path)
+        model.load_reference_weights(model.create_finetune_model("hicmae_test", 2), path)
 
 
 def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
-    net = model.create_finetune_model("hicmae_tiny", 2, **TINY)
+    net = model.create_finetune_model("hicmae_test", 2)
     good = tmp_path / "good.pth"
     torch.save({"model": net.state_dict()}, good)
     truncated = tmp_path / "truncated.pth"

@@ -10,27 +10,20 @@ import numpy as np
 import pytest
 import yaml
 from matplotlib.image import imread
-from mlflow_server import mlflow_server  # noqa: F401
 
 from pipeline import cli
 from preprocessing.datasets.demo import generate_demo
 
 pytestmark = pytest.mark.slow
 
-TINY_MODEL = {"size": "hicmae_tiny", "overrides": {
-    "embed_dim": 32, "num_heads": 1, "audio_embed_dim": 32, "audio_num_heads": 1, "fusion_num_heads": 1,
-    "depth": 3, "audio_depth": 3, "fusion_depth": 1, "hierarchy_layers": [0, 1, 2], "decoder_embed_dim": 16,
-    "decoder_num_heads": 1, "audio_decoder_embed_dim": 16, "audio_decoder_num_heads": 1}}
-
-
 def write_params(path: Path, raw: Path, **sections) -> Path:
     params = {
         "datasets": {"demo": {"root": str(raw)}},
         "experiment": "e2e",
         "preprocess": {"shard_size": 8, "workers": 2},
-        "pretrain": {"dataset": "demo", "model": TINY_MODEL, "epochs": 1, "batch_size": 4,
+        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": 1, "batch_size": 4,
                      "optim": {"warmup_epochs": 0}},
-        "finetune": {"model": TINY_MODEL, "epochs": 2, "batch_size": 4, "folds": [1, 2],
+        "finetune": {"model": {"size": "hicmae_test"}, "epochs": 2, "batch_size": 4, "folds": [1, 2],
                      "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},  # DDP on gloo, as a cluster runs it
         **sections,
@@ -46,7 +39,7 @@ def workdir(tmp_path_factory):
     return root
 
 
-def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server, monkeypatch):  # noqa: F811
+def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("HICMAE_WORKDIR", str(workdir))
     params = str(write_params(workdir / "params.yaml", workdir / "raw"))

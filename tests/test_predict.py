@@ -16,7 +16,8 @@ from media import speech_wav, write_clip
 from PIL import Image
 
 from model import HiCMAEClassifier, get_config
-from pipeline.data import collate, finetune_eval_examples
+from pipeline.data import collate
+from pipeline.examples import finetune_eval_examples
 from pipeline.export import CARD_FILE, README_FILE, WEIGHTS_FILE, export_checkpoint, export_model, load_exported
 from pipeline.predict import load_model, names_option, predict
 from pipeline.settings import WindowSettings
@@ -24,24 +25,11 @@ from preprocessing.clip import process_clip
 from preprocessing.datasets import demo
 from preprocessing.decode import MediaError
 from preprocessing.face import FaceDetector
-from preprocessing.face_model import ensure_face_model
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample
 
-# The demo's model of params.yaml: HiCMAE-T's structure, 64 wide, 4 blocks per encoder.
-TINY = dict(embed_dim=64, num_heads=1, audio_embed_dim=64, audio_num_heads=1, fusion_num_heads=1, depth=4,
-            audio_depth=4, fusion_depth=1, hierarchy_layers=(1, 2, 3), decoder_embed_dim=32, decoder_num_heads=1,
-            audio_decoder_embed_dim=32, audio_decoder_num_heads=1)
 FRAMES = round(demo.DURATION * demo.FPS)  # 70 frames of 256 x 256 per demo clip
-
-
-@pytest.fixture(scope="module")
-def face_model() -> str:
-    try:
-        return str(ensure_face_model())
-    except RuntimeError as err:
-        pytest.skip(f"face model not available: {err}")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +56,7 @@ def fine_tuned(demo_clips, face_model, tmp_path_factory):
                    for clip in clips]
     batch = collate([x for s in samples for x in finetune_eval_examples(s, 0, window=WindowSettings(), views=1)])
     torch.manual_seed(0)
-    net = HiCMAEClassifier(get_config("hicmae_tiny", **TINY), len(info.classes))
+    net = HiCMAEClassifier(get_config("hicmae_test"), len(info.classes))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     for _ in range(2):
         loss = F.cross_entropy(net(batch["video"], batch["audio"]), batch["label"])
@@ -196,12 +184,13 @@ def test_regression_model_predicts_target_values(demo_clips, fine_tuned, tmp_pat
 
 @pytest.fixture(scope="module")
 def reference_checkpoint(fine_tuned, tmp_path_factory) -> Path:
-    """The tiny model saved as a reference fine-tuning checkpoint: state dict under 'model', args Namespace."""
+    """The tiny model saved as a reference fine-tuning checkpoint: state dict under 'model', args Namespace
+    (whose architecture, that of hicmae_test, overrides the size given when loading it)."""
     net, _, _ = fine_tuned
-    args = argparse.Namespace(model="avit_dim64_patch16_160_a256", data_set="DEMO", nb_classes=4, embed_dim=64,
-                              num_heads=1, embed_dim_audio=64, num_heads_audio=1, fusion_num_heads=1, depth=4,
-                              depth_audio=4, fusion_depth=1, return_intermediate_features=[1, 2, 3],
-                              decoder_embed_dim=32, decoder_num_heads=1, decoder_embed_dim_audio=32,
+    args = argparse.Namespace(model="avit_dim32_patch16_160_a256", data_set="DEMO", nb_classes=4, embed_dim=32,
+                              num_heads=1, embed_dim_audio=32, num_heads_audio=1, fusion_num_heads=1, depth=3,
+                              depth_audio=3, fusion_depth=1, return_intermediate_features=[0, 1, 2],
+                              decoder_embed_dim=16, decoder_num_heads=1, decoder_embed_dim_audio=16,
                               decoder_num_heads_audio=1, num_frames=16, sampling_rate=4, drop_path=0.1)
     path = tmp_path_factory.mktemp("reference") / "checkpoint-best.pth"
     torch.save({"model": net.state_dict(), "epoch": 9, "args": args}, path)

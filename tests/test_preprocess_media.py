@@ -14,7 +14,7 @@ from preprocessing.face_model import ensure_face_model
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shard_index import read_index, read_samples, write_shard
-from preprocessing.shards import decode_sample, encode_sample, fbank_window
+from preprocessing.shards import decode_sample
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +144,3 @@ def test_crop_is_centred_on_the_face(tmp_path, speech, detector, detect_every, e
         assert x1 - x0 > 0.5 * 160 and y1 - y0 > 0.5 * 160  # the face fills most of the crop
         assert abs((x0 + x1) / 2 - 80) < 16 and abs((y0 + y1) / 2 - 80) < 16  # and is centred
         assert abs(face[5] - face[7]) < 6  # eyes level
-
-
-def test_shard_sample_round_trip_and_window():
-    rng = np.random.default_rng(0)
-    ys, xs = np.mgrid[0:160, 0:160]
-    frames = np.stack([np.stack([xs + t, ys, xs + ys], axis=-1) for t in range(8)]).astype(np.uint8)
-    fbank = rng.normal(-5, 2, (30, 128)).astype(np.float32)
-    sample = decode_sample(encode_sample(frames, fbank, {"key": "k", "fps": 25}))
-    assert sample.frames.shape == frames.shape
-    assert np.abs(sample.frames.astype(int) - frames).mean() < 3
-    np.testing.assert_allclose(sample.fbank, fbank, atol=1e-2)
-    assert fbank_window(4, 20, fps=25, fbank_rate=100) == (16, 80)

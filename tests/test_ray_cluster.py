@@ -28,8 +28,6 @@ import psutil
 import pytest
 import torch
 import yaml
-from mlflow_server import mlflow_server  # noqa: F401
-from test_pipeline import TINY_MODEL
 
 from pipeline import cli
 from pipeline.config import PROJECT_ROOT
@@ -136,7 +134,7 @@ def ray_head(temp_dir: Path, node_env: dict):
 
 
 @pytest.fixture(scope="module")
-def cluster(workdir, mlflow_server):  # noqa: F811
+def cluster(workdir, mlflow_server):
     """The module's cluster; like the nodes of docker/compose.yaml, its environment names the shared work
     folder and the MLflow server."""
     # A short path: Ray's Unix sockets live under the temp dir and their paths are limited to 107 bytes.
@@ -153,7 +151,7 @@ def write_params(path: Path, raw: Path) -> Path:
         "datasets": {"demo": {"root": str(raw)}},
         "experiment": EXPERIMENT,
         "preprocess": {"shard_size": 5, "use_ray": False, "progress": False},
-        "pretrain": {"dataset": "demo", "model": TINY_MODEL, "epochs": PRETRAIN_EPOCHS, "batch_size": 4,
+        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": PRETRAIN_EPOCHS, "batch_size": 4,
                      "checkpoint_every": 1, "optim": {"warmup_epochs": 1}},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
     }
@@ -162,7 +160,7 @@ def write_params(path: Path, raw: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, mlflow_server):  # noqa: F811
+def workdir(tmp_path_factory, mlflow_server):
     """Demo clips of 5 speakers -> manifest -> shards, by the real stages; the module's params.yaml."""
     root = tmp_path_factory.mktemp("work")
     generate_demo(root / "raw", seed=0, speakers=5, clips_per_speaker=2)
@@ -241,7 +239,7 @@ class WorkerKiller(threading.Thread):
                 return
 
 
-def test_killed_worker_resumes_from_its_last_checkpoint(cluster, workdir, pretrain_job, mlflow_server,  # noqa: F811
+def test_killed_worker_resumes_from_its_last_checkpoint(cluster, workdir, pretrain_job, mlflow_server,
                                                         tmp_path):
     """A pre-training job whose Ray Train worker is SIGKILLed after its first checkpoint still finishes, resumed
     from its last checkpoint, with the weights of the uninterrupted run."""
@@ -277,7 +275,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(cluster, workdir, pretra
 
 
 def test_pretraining_runs_as_a_job_on_an_existing_cluster(cluster, workdir, pretrain_job,
-                                                           mlflow_server):  # noqa: F811
+                                                           mlflow_server):
     """``scripts/ray_submit.sh pretrain``: the job succeeds on the cluster and leaves its outputs in the nodes'
     HICMAE_WORKDIR and its run in their MLflow server. (``finetune --dataset X`` goes the same way.)"""
     [job] = [job for job in cluster.get("api/jobs/") if "HICMAE_WORKDIR=" not in job["entrypoint"]]

@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 from matplotlib.image import imread
-from mlflow_server import mlflow_server  # noqa: F401
 
 import model
 from pipeline import evaluation, folds, layout, report
@@ -32,9 +31,7 @@ from preprocessing.fileio import write_json
 from preprocessing.manifest import DatasetInfo
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(img_size=32, num_frames=4, audio_frames=32, audio_mel_bins=32, embed_dim=16, audio_embed_dim=16,
-            depth=2, audio_depth=2, fusion_depth=1, num_heads=1, audio_num_heads=1, fusion_num_heads=1,
-            hierarchy_layers=(0, 1, 1))
+SMALL_INPUTS = dict(img_size=32, num_frames=4, audio_frames=32, audio_mel_bins=32)  # the shapes of eval_batches
 FOLDS = (1, 2)
 CLIPS_PER_FOLD, VIEWS, BATCH = 6, 2, 4
 DATASETS = {
@@ -48,7 +45,7 @@ DATASETS = {
 def tiny_net(info: DatasetInfo, seed: int) -> model.HiCMAEClassifier:
     torch.manual_seed(seed)
     outputs = len(info.classes) if info.task == "classification" else len(info.targets)
-    return model.create_finetune_model("hicmae_tiny", outputs, **TINY).eval()
+    return model.create_finetune_model("hicmae_test", outputs, **SMALL_INPUTS).eval()
 
 
 def eval_batches(info: DatasetInfo, fold: int) -> list[dict]:
@@ -108,7 +105,7 @@ def workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reported(workspace, mlflow_server):  # noqa: F811
+def reported(workspace, mlflow_server):
     """``stage_report`` run once on the workspace, tracked in the test server; its returned Markdown."""
     root, summaries = workspace
     params = Params(datasets={name: DatasetEntry(root=info.root) for name, info in DATASETS.items()},
@@ -147,7 +144,7 @@ def test_fold_files_hold_embeddings_and_history(workspace):
     fold = root / "runs" / "werewolf-xl" / "finetune" / "fold-1"
     embeddings = report.read_embeddings([fold / layout.EMBEDDINGS_FILE])
     assert sorted(embeddings) == ["audio", "clip_id", "fused", "truth", "video"]
-    assert embeddings["fused"].shape == (CLIPS_PER_FOLD, 64) and embeddings["fused"].dtype == np.float32
+    assert embeddings["fused"].shape == (CLIPS_PER_FOLD, 4 * 32) and embeddings["fused"].dtype == np.float32
     assert embeddings["truth"].shape == (CLIPS_PER_FOLD, 3)
     history = read_history(fold / layout.HISTORY_FILE)
     assert [row["epoch"] for row in history] == [0, 1, 2, 3] and history[0]["val/ccc_mean"] == pytest.approx(0.2)
@@ -208,7 +205,7 @@ def test_every_plot_exists_and_decodes(reported):
         (root / "runs" / "pretrain" / layout.HISTORY_FILE).read_bytes()
 
 
-def test_report_run_in_mlflow_has_the_artifacts(reported, mlflow_server):  # noqa: F811
+def test_report_run_in_mlflow_has_the_artifacts(reported, mlflow_server):
     experiment = mlflow_server.get("experiments/get-by-name", experiment_name="report-test")["experiment"]
     runs = mlflow_server.post("runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
     (run,) = [r for r in runs if r["info"]["run_name"] == "report"]

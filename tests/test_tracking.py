@@ -8,7 +8,6 @@ import mlflow
 import pytest
 import yaml
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-from mlflow_server import mlflow_server  # noqa: F401
 
 from pipeline.plots import confusion_matrix_figure, save_figure
 from pipeline.tracking import (
@@ -136,7 +135,7 @@ def test_explicit_parent_and_failed_run(project, mlflow_state):
     assert run.info.status == "FAILED"
 
 
-def test_server(mlflow_server, project, mlflow_state, monkeypatch):  # noqa: F811
+def test_server(mlflow_server, project, mlflow_state, monkeypatch):
     root, commit = project
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     stage, fold = log_stage_with_fold(root, "demo-server")
