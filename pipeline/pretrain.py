@@ -77,11 +77,16 @@ def pretrain_worker(config: dict) -> None:
     fit(PretrainTask(config))
 
 
+def pretrain_config(settings: PretrainSettings, shards: list[ShardIndex], loader_workers: int, tracker=None) -> dict:
+    """What the Ray Train workers get (``PretrainTask``): the shards to stream and how many clips they hold."""
+    return {"settings": settings.model_dump(mode="json"), "shards": [shard.path for shard in shards],
+            "num_clips": sum(len(shard.samples) for shard in shards), "loader_workers": loader_workers,
+            "tracker": tracker}
+
+
 def run_pretrain(params: Params, layout: Layout, shards: list[ShardIndex], tracker=None) -> dict:
     """Pre-train on ``shards`` (``data.verified_shards``); writes runs/pretrain/ and returns the last metrics."""
-    config = {"settings": params.pretrain.model_dump(mode="json"), "shards": [shard.path for shard in shards],
-              "num_clips": sum(len(shard.samples) for shard in shards),
-              "loader_workers": params.scaling.loader_workers, "tracker": tracker}
+    config = pretrain_config(params.pretrain, shards, params.scaling.loader_workers, tracker)
     result = raytrain.run_trainer(pretrain_worker, config, params.scaling, name=f"pretrain-{params.pretrain.dataset}",
                                   storage=layout.ray_results)
     state = raytrain.load_result_state(result)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from mlflow_server import MlflowServer, running_mlflow_server
@@ -25,3 +29,17 @@ def face_model() -> str:
         return str(ensure_face_model())
     except RuntimeError as err:
         pytest.skip(f"face model not available: {err}")
+
+
+@pytest.fixture
+def hicmae(tmp_path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run the real command, ``python -m pipeline.cli ARGS``, as a user would, with ``HICMAE_WORKDIR`` (and an MLflow
+    SQLite store) in this test's ``tmp_path``; the finished process, its output captured as text."""
+    env = {**os.environ, "HICMAE_WORKDIR": str(tmp_path),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=Path(__file__).parents[1], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

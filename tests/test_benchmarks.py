@@ -95,6 +95,15 @@ def test_loader_benchmark_reports_both_paths(loader, tmp_path):
         assert row["times_step_rate"] == pytest.approx(row["samples_per_s"] / 10)
 
 
+def test_mixing_benchmark_shows_the_buffer_breaking_up_repeated_batches():
+    rows = load_benchmark("mixing").main(["--labels", "2", "--per-label", "32", "--shard-size", "16", "--buffers",
+                                          "0", "64", "--batch", "4", "--epochs", "3"])
+    none, full = rows
+    assert abs(none["top_class"] - none["uniform_top_class"]) < 0.1  # random shards: labels mix without a buffer
+    assert none["repeat_pairs_x_uniform"] > 3 * full["repeat_pairs_x_uniform"]  # but partners repeat every epoch
+    assert none["buffer_mb_8s_clips"] == 0 < full["buffer_mb_8s_clips"]
+
+
 def test_train_step_benchmark_reports_throughput_and_exact_flops(train_step, tmp_path):
     out = tmp_path / "train.json"
     result = train_step.main(["--tiny", "--sizes", "hicmae_tiny", "--steps", "2", "--warmup", "1",

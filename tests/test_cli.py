@@ -3,20 +3,7 @@ on stderr (``hicmae: error: <file>: <key or what>: <problem>``) and exit status 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def hicmae(*args: str, workdir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HICMAE_WORKDIR": str(workdir), "MLFLOW_TRACKING_URI": (workdir / "mlruns").as_uri()}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -31,8 +18,8 @@ def hicmae(*args: str, workdir: Path) -> subprocess.CompletedProcess:
     (["preprocess", "--dataset", "demo"],
      r"data/demo/manifest.jsonl: missing; run `hicmae manifest --dataset demo` first"),
 ])
-def test_user_errors_are_one_line_and_exit_1(tmp_path, args, message):
-    result = hicmae(*args, workdir=tmp_path)
+def test_user_errors_are_one_line_and_exit_1(hicmae, args, message):
+    result = hicmae(*args)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hicmae: error: "), result.stderr

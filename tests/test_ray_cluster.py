@@ -153,7 +153,7 @@ def write_params(path: Path, raw: Path) -> Path:
         "preprocess": {"shard_size": 5, "use_ray": False, "progress": False},
         "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": PRETRAIN_EPOCHS, "batch_size": 4,
                      "checkpoint_every": 1, "optim": {"warmup_epochs": 1}},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1},  # DDP: one of the 2 gets killed
     }
     path.write_text(yaml.safe_dump(params))
     return path
@@ -241,8 +241,8 @@ class WorkerKiller(threading.Thread):
 
 def test_killed_worker_resumes_from_its_last_checkpoint(cluster, workdir, pretrain_job, mlflow_server,
                                                         tmp_path):
-    """A pre-training job whose Ray Train worker is SIGKILLed after its first checkpoint still finishes, resumed
-    from its last checkpoint, with the weights of the uninterrupted run."""
+    """A 2-worker pre-training job, one of whose Ray Train workers is SIGKILLed after the first checkpoint, still
+    finishes, resumed from its last checkpoint, with the weights of the uninterrupted 2-worker run."""
     (tmp_path / "data").symlink_to(workdir / "data")  # the shards; this run's outputs go under tmp_path
     killer = WorkerKiller(cluster, tmp_path / "ray_results")
     killer.start()

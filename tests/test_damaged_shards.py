@@ -1,0 +1,41 @@
+"""A damaged shard (here: cut short, as a full disk or an interrupted copy leaves it) is caught, not retried:
+training stops at once with one line naming it, and preprocessing run again redoes exactly that shard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from preprocessing.datasets.demo import generate_demo
+from preprocessing.fileio import sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_truncated_shard_stops_training_in_one_line_and_preprocessing_redoes_it(hicmae, tmp_path):
+    generate_demo(tmp_path / "raw", seed=0, speakers=5, clips_per_speaker=1)
+    settings = ["--set", f"datasets.demo.root={tmp_path / 'raw'}", "--set", "preprocess.shard_size=3",
+                "--set", "preprocess.use_ray=false", "--set", "finetune.init=none"]
+    for stage in ("manifest", "preprocess"):
+        assert hicmae(*settings, stage, "--dataset", "demo").returncode == 0
+    shards = sorted((tmp_path / "data/demo/processed/shards").glob("shard-*.tar"))
+    assert len(shards) == 2
+    whole = {shard: sha256_file(shard) for shard in shards}
+    damaged = shards[0]
+    size = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[: size // 2])
+
+    for stage in (["finetune", "--dataset", "demo"], ["pretrain"]):
+        result = hicmae(*settings, "--set", "pretrain.dataset=demo", *stage)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert lines == [f"hicmae: error: {damaged}: damaged: {size // 2} bytes, its index records {size}; "
+                         "run `hicmae preprocess --dataset demo` again to redo it"], result.stderr
+        assert not (tmp_path / "ray_results").exists()  # stopped before any Ray Train run (and its retries)
+
+    redo = hicmae(*settings, "preprocess", "--dataset", "demo")
+    assert redo.returncode == 0, redo.stderr
+    summary = json.loads((tmp_path / "data/demo/processed/summary.json").read_text())
+    assert summary["units_processed_now"] == 1 and summary["ok"] == 5  # that unit alone, redone
+    assert {shard: sha256_file(shard) for shard in shards} == whole   # the same bytes as before the damage
