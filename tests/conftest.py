@@ -1,4 +1,9 @@
-"""Fixtures shared by the test modules (pytest finds them here; no test module imports another)."""
+"""Fixtures shared by the test modules (pytest finds them here; no test module imports another).
+
+The reference-parity tests (model, fbank, folds) read ``../shared/fixtures`` beside the checkout. Where it is
+absent they skip with the reason; under CI (``CI`` set) or with ``--require-reference`` they fail instead, so the
+promise that the model equals the reference is checked on every CI run.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,31 @@ import pytest
 from mlflow_server import MlflowServer, running_mlflow_server
 
 from preprocessing.face_model import ensure_face_model
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--require-reference", action="store_true",
+                     help=f"fail, not skip, the reference-parity tests when {SHARED_FIXTURES} is absent "
+                          "(always the case when CI is set)")
+
+
+@pytest.fixture(scope="session")
+def reference_file(pytestconfig) -> Callable[[str], Path]:
+    """A file of ``../shared/fixtures`` by its path there; a skip where it is absent, a failure under CI."""
+    required = bool(os.environ.get("CI")) or pytestconfig.getoption("--require-reference")
+
+    def find(relative: str) -> Path:
+        path = SHARED_FIXTURES / relative
+        if not path.is_file():
+            message = f"reference fixture {path} is absent"
+            if required:
+                pytest.fail(f"{message}: the reference-parity tests must run (CI is set or --require-reference)")
+            pytest.skip(message)
+        return path
+
+    return find
 
 
 @pytest.fixture(scope="session")

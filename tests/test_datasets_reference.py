@@ -14,16 +14,16 @@ import pytest
 
 from preprocessing.datasets import build_manifest, crema_d, mafw, msp_improv
 
-SPLITS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference-splits"
 
+@pytest.fixture
+def reference_rows(reference_file):
+    """The rows of a dataset's reference split TSV (``../shared/fixtures/reference-splits/<name>.tsv``)."""
 
-def reference_rows(name: str) -> list[dict[str, str]]:
-    """The reference TSV's rows, or skip when the shared fixtures are absent."""
-    path = SPLITS / f"{name}.tsv"
-    if not path.is_file():
-        pytest.skip(f"reference splits not available at {path}")
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
+    def rows(name: str) -> list[dict[str, str]]:
+        with reference_file(f"reference-splits/{name}.tsv").open(newline="") as handle:
+            return list(csv.DictReader(handle, delimiter="\t"))
+
+    return rows
 
 
 def touch(path: Path) -> None:
@@ -49,7 +49,7 @@ def assert_matches_reference(name: str, root: Path, rows: list[dict[str, str]]) 
     assert not wrong, f"{len(wrong)} clips differ from the reference, e.g. {wrong[:3]}"
 
 
-def test_crema_d_reproduces_reference_folds(tmp_path: Path) -> None:
+def test_crema_d_reproduces_reference_folds(reference_rows, tmp_path: Path) -> None:
     rows = reference_rows("crema-d")
     for row in rows:
         touch(tmp_path / "VideoFlash" / f"{row['clip_id']}.flv")
@@ -69,7 +69,7 @@ def test_crema_d_five_left_out_clips_are_the_documented_ones() -> None:
     assert [crema_d.fold_of_actor(a) for a in (1001, 1018, 1019, 1072, 1073, 1091)] == [1, 1, 2, 4, 5, 5]
 
 
-def test_ravdess_reproduces_reference_folds(tmp_path: Path) -> None:
+def test_ravdess_reproduces_reference_folds(reference_rows, tmp_path: Path) -> None:
     rows = reference_rows("ravdess")
     for row in rows:
         actor_dir = tmp_path / f"Actor_{row['clip_id'][-2:]}"
@@ -89,7 +89,7 @@ def evaluation_header(clip_id: str, code: str) -> str:
             f"rater-02; Other; Concerned; A:2.000000; V:3.000000; D:2.000000; N:3.000000;\n\n")
 
 
-def test_msp_improv_reproduces_reference_folds(tmp_path: Path) -> None:
+def test_msp_improv_reproduces_reference_folds(reference_rows, tmp_path: Path) -> None:
     rows = reference_rows("msp-improv")
     extra = {"MSP-IMPROV-S01A-F01-P-FM99": "O", "MSP-IMPROV-S02H-M03-S-MF99": "X"}  # left out
     blocks = []
@@ -104,7 +104,7 @@ def test_msp_improv_reproduces_reference_folds(tmp_path: Path) -> None:
     assert_matches_reference("msp-improv", tmp_path, rows)
 
 
-def test_mafw_reproduces_reference_folds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mafw_reproduces_reference_folds(reference_rows, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rows = reference_rows("mafw")
     unused = sorted({f"{n:05d}" for n in range(1, 10046)} - {row["clip_id"] for row in rows})
     silent = {unused[0]: ("1", "anger"), unused[1]: ("4", "fear")}  # in the splits, but without audio
@@ -125,7 +125,7 @@ def test_mafw_reproduces_reference_folds(tmp_path: Path, monkeypatch: pytest.Mon
     assert_matches_reference("mafw", tmp_path, rows)
 
 
-def test_werewolf_xl_reproduces_reference_folds(tmp_path: Path) -> None:
+def test_werewolf_xl_reproduces_reference_folds(reference_rows, tmp_path: Path) -> None:
     rows = reference_rows("werewolf-xl")
     lines = ["Session,VideoName,Pleasure,Arousal,Dominance,Category"]
     for row in rows:

@@ -1,6 +1,5 @@
 """The numpy Kaldi fbank matches the reference's torchaudio output (fixtures/reference/fbank.pt)."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,15 +7,10 @@ import torch
 
 from preprocessing.fbank import fbank_to_model_input, log_mel_fbank
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURE = SHARED / "fixtures" / "reference" / "fbank.pt"
-
 
 @pytest.fixture(scope="module")
-def reference():
-    if not FIXTURE.exists():
-        pytest.skip(f"reference fixture {FIXTURE} is not available")
-    return torch.load(FIXTURE, weights_only=True)
+def reference(reference_file):
+    return torch.load(reference_file("reference/fbank.pt"), weights_only=True)
 
 
 def test_fbank_matches_reference(reference):

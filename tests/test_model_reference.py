@@ -1,31 +1,22 @@
 """Our models against the reference implementation's stored outputs (../shared/fixtures/reference)."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
 import model
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
 TOL = dict(atol=1e-5, rtol=1e-5)  # the fixture README's recommendation for float32 re-implementations
 
 
-def load_fixture(name: str) -> dict:
-    path = FIXTURES / name
-    if not path.is_file():
-        pytest.skip(f"reference fixture {path} is not available")
-    return torch.load(path, map_location="cpu", weights_only=True)
+@pytest.fixture(scope="module")
+def pretrain_fixture(reference_file):
+    return torch.load(reference_file("reference/pretrain_small.pt"), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
-def pretrain_fixture():
-    return load_fixture("pretrain_small.pt")
-
-
-@pytest.fixture(scope="module")
-def finetune_fixture():
-    return load_fixture("finetune_small.pt")
+def finetune_fixture(reference_file):
+    return torch.load(reference_file("reference/finetune_small.pt"), map_location="cpu", weights_only=True)
 
 
 def video_input(inputs: dict) -> torch.Tensor:
