@@ -64,6 +64,7 @@ class FinetuneTask(TrainingTask):
         self.settings = FinetuneSettings.model_validate(config["settings"])
         self.info = DatasetInfo.model_validate(config["info"])
         self.split, self.clips = config["split"], config["clips"]
+        self.label = config.get("label", self.info.name)
         self.tracker = config.get("tracker")
         self.selection = selection_metric(self.info.task, self.settings.protocol)
         self.best = {"score": -np.inf, "epoch": -1, "model": None}

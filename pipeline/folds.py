@@ -14,12 +14,14 @@ MLflow: a parent run ``finetune-<dataset>`` with the fold summary, a nested run 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 
 from preprocessing.fileio import atomic_write_bytes, write_json
 from preprocessing.manifest import ClipRecord, DatasetInfo, read_manifest, split_for_fold
+from preprocessing.settings import PreprocessSettings
 from preprocessing.shard_index import ShardIndex
 
 from . import raytrain, tracking
@@ -30,7 +32,14 @@ from .finetune import finetune_worker
 from .layout import FOLD_RESULT_FILES, HISTORY_FILE, PREDICTION_EPOCHS, FinetuneRun, Layout, require
 from .metrics import aggregate_folds, selection_metric
 from .plots import confusion_matrix_figure, save_figure
-from .settings import FinetuneSettings, Params, finetune_settings_for, training_params
+from .settings import (
+    FinetuneSettings,
+    Params,
+    ScalingSettings,
+    WindowSettings,
+    finetune_settings_for,
+    training_params,
+)
 
 
 def fold_splits(clips: list[ClipRecord], fold: int, settings: FinetuneSettings) -> dict[str, list[str]]:
@@ -49,44 +58,69 @@ def describe_dataset(info: DatasetInfo, protocol: str) -> dict:
             "selection_metric": selection_metric(info.task, protocol)}
 
 
-def fold_config(settings: FinetuneSettings, info: DatasetInfo, split: dict[str, list[str]], catalog: dict,
+def fold_config(settings: FinetuneSettings, info: DatasetInfo, fold: int, split: dict[str, list[str]], catalog: dict,
                 init: str | None, loader_workers: int, tracker=None) -> dict:
     """What the Ray Train workers of one fold get (``finetune.FinetuneTask``): the split's clips and where each
     lies in the shards. A clip that preprocessing could not use (no face, unreadable) is left out."""
     split = {part: [clip for clip in ids if clip in catalog] for part, ids in split.items()}
     return {"settings": settings.model_dump(mode="json"), "info": info.model_dump(mode="json"), "split": split,
+            "label": f"{info.name} fold {fold}",
             "clips": {clip: catalog[clip] for ids in split.values() for clip in ids}, "init": init,
             "loader_workers": loader_workers, "tracker": tracker}
 
 
-def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, dataset: str, shards: list[ShardIndex],
-              init: str | None, tracker_for_fold=None) -> dict:
-    """Fine-tune every configured fold on ``shards`` (``data.verified_shards``); writes each fold's files and its
-    best model exported to ``fold-k/model/`` (``pipeline.export``); returns the fold mean/std summary."""
-    info, clips = read_manifest(layout.data(dataset).manifest)
-    catalog, data_hash = clip_catalog(shards), shards_hash(shards)
-    out = layout.finetune(dataset)
-    folds = settings.folds or list(range(1, info.num_folds + 1))
-    per_fold = {}
-    for fold in folds:
-        config = fold_config(settings, info, fold_splits(clips, fold, settings), catalog, init,
-                             params.scaling.loader_workers, tracker_for_fold(fold) if tracker_for_fold else None)
-        result = raytrain.run_trainer(finetune_worker, config, params.scaling, name=f"finetune-{info.name}-fold{fold}",
-                                      storage=layout.ray_results)
-        fold_run = out.fold(fold)
+@dataclass(frozen=True)
+class FoldJob:
+    """One fold's Ray Train run and its outputs, for any fold of ``configs`` (picklable: it runs as a Ray task,
+    ``raytrain.run_concurrently``)."""
+
+    configs: dict[int, dict]      # fold -> fold_config(...)
+    info: DatasetInfo
+    scaling: ScalingSettings
+    out: FinetuneRun
+    storage: Path
+    data_hash: str
+    window: WindowSettings
+    preprocess: PreprocessSettings
+
+    def __call__(self, fold: int) -> None:
+        """Fine-tune ``fold``; copy its result files from the last checkpoint and export its best model."""
+        result = raytrain.run_trainer(finetune_worker, self.configs[fold], self.scaling,
+                                      name=f"finetune-{self.info.name}-fold{fold}", storage=self.storage)
+        fold_run = self.out.fold(fold)
         with result.checkpoint.as_directory() as folder:
             for name in FOLD_RESULT_FILES:
                 atomic_write_bytes(fold_run.file(name), (Path(folder) / name).read_bytes())
-            export_checkpoint(folder, info, fold_run.model, data_hash=data_hash, name=f"{info.name}-fold{fold}",
-                              window=settings.window, preprocess=params.preprocess)
-        per_fold[fold] = json.loads(fold_run.test_metrics.read_text())
-    return {"folds": folds, **{epoch: aggregate_folds([per_fold[f][epoch] for f in folds])
-                               for epoch in ("last", "best")}}
+            export_checkpoint(folder, self.info, fold_run.model, data_hash=self.data_hash,
+                              name=f"{self.info.name}-fold{fold}", window=self.window, preprocess=self.preprocess)
+        test = json.loads(fold_run.test_metrics.read_text())
+        print(f"{self.info.name} fold {fold} done: best epoch {test['best_epoch']}", flush=True)
+
+
+def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, dataset: str, shards: list[ShardIndex],
+              init: str | None, tracker_for_fold=None) -> tuple[dict[int, dict], dict[int, str]]:
+    """Fine-tune every configured fold on ``shards`` (``data.verified_shards``), as many at once as the cluster's
+    resources hold for ``params.scaling`` (at most ``settings.concurrent_folds``); each writes its files and its
+    best model exported to ``fold-k/model/``. Returns the test metrics of the folds that finished and the error of
+    each that failed (after Ray Train's retries), by fold."""
+    info, clips = read_manifest(layout.data(dataset).manifest)
+    catalog = clip_catalog(shards)
+    folds = settings.folds or list(range(1, info.num_folds + 1))
+    configs = {fold: fold_config(settings, info, fold, fold_splits(clips, fold, settings), catalog, init,
+                                 params.scaling.loader_workers, tracker_for_fold(fold) if tracker_for_fold else None)
+               for fold in folds}
+    out = layout.finetune(dataset)
+    job = FoldJob(configs, info, params.scaling, out, layout.ray_results, shards_hash(shards), settings.window,
+                  params.preprocess)
+    limit = raytrain.runs_that_fit(params.scaling, settings.concurrent_folds)
+    print(f"{dataset}: fine-tuning {len(folds)} folds, {min(limit, len(folds))} at a time", flush=True)
+    failed = raytrain.run_concurrently(job, folds, limit=limit)
+    return {fold: json.loads(out.fold(fold).test_metrics.read_text()) for fold in folds if fold not in failed}, failed
 
 
 def stage_finetune(params: DataParams, dataset: str) -> dict:
     """``hicmae finetune --dataset D``: all folds of one dataset; a parent MLflow run with the fold mean/std, one
-    nested run per fold."""
+    nested run per fold. A fold that fails does not stop the others; the stage then fails naming it."""
     params = training_params(params)
     params.dataset(dataset)
     settings = finetune_settings_for(params, load_dataset_config(dataset))
@@ -111,14 +145,22 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
             return fold_runs[fold]
 
         try:
-            summary = run_folds(params, settings, layout, dataset, shards, init, tracker_for_fold=fold_logger)
+            per_fold, failed = run_folds(params, settings, layout, dataset, shards, init, tracker_for_fold=fold_logger)
         except BaseException:
             for run in fold_runs.values():
                 run.finish(status="FAILED")
             raise
         for fold, run in fold_runs.items():
-            test = json.loads(out.fold(fold).test_metrics.read_text())
-            run.finish({"test": test["best"], "test_last": test["last"]})
+            if fold in per_fold:
+                run.finish({"test": per_fold[fold]["best"], "test_last": per_fold[fold]["last"]})
+            else:
+                run.finish(status="FAILED")
+        if failed:
+            raise RuntimeError(f"{dataset}: fine-tuning failed for fold(s) {', '.join(map(str, sorted(failed)))}: "
+                               + "; ".join(f"fold {fold}: {error}" for fold, error in sorted(failed.items())))
+        folds = sorted(per_fold)
+        summary = {"folds": folds, **{epoch: aggregate_folds([per_fold[f][epoch] for f in folds])
+                                      for epoch in ("last", "best")}}
         write_json(out.metrics, summary)
         write_json(out.info, describe_dataset(info, settings.protocol))
         tracking.log_metrics({"test": summary["best"], "test_last": summary["last"]})

@@ -51,6 +51,7 @@ class PretrainTask(TrainingTask):
         self.config = config
         self.settings = PretrainSettings.model_validate(config["settings"])
         self.tracker = config.get("tracker")
+        self.label = f"pretrain {self.settings.dataset}"
 
     def build_model(self, rank: int) -> HiCMAEPretrain:
         return HiCMAEPretrain(self.settings.model.build_config())

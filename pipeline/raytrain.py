@@ -46,6 +46,45 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
     return trainer.fit()
 
 
+def runs_that_fit(scaling: ScalingSettings, limit: int | None = None) -> int:
+    """How many training runs of ``scaling`` the Ray cluster's resources hold at once (at least 1, at most
+    ``limit``)."""
+    import ray
+
+    start_ray(log_to_driver=True)
+    available = ray.cluster_resources()
+    needs = {"CPU": scaling.num_workers * scaling.cpus_per_worker, "GPU": scaling.num_workers if scaling.use_gpu else 0}
+    fits = min(int(available.get(resource, 0) // need) for resource, need in needs.items() if need)
+    return max(1, min(fits, limit or fits))
+
+
+def run_concurrently(driver: Callable[[object], None], items: list, *, limit: int) -> dict[object, str]:
+    """``driver(item)`` for every item, at most ``limit`` at a time, each in a Ray task of its own that claims no
+    CPU (it only drives a Ray Train run, ``run_trainer``, whose workers claim the resources). A call that fails
+    does not stop the others. Returns, by item, the error of every call that failed."""
+    import ray
+
+    start_ray(log_to_driver=True)
+    remote = ray.remote(num_cpus=0, max_retries=0)(_call)  # Ray Train retries its workers itself
+    queue, running, failed = list(items), {}, {}
+    while queue or running:
+        while queue and len(running) < limit:
+            item = queue.pop(0)
+            running[remote.remote(driver, item)] = item
+        [done], _ = ray.wait(list(running), num_returns=1)
+        item = running.pop(done)
+        try:
+            ray.get(done)
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause if err.cause is not None else err
+            failed[item] = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[-1]}"
+    return failed
+
+
+def _call(driver: Callable[[object], None], item: object) -> None:
+    driver(item)
+
+
 def worker_context() -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this Ray Train worker."""
     import ray.train

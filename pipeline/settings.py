@@ -101,6 +101,8 @@ class FinetuneSettings(Strict):
     protocol: Literal["clean", "reference"] = "clean"
     val_fraction: float = Field(0.1, ge=0, lt=1, description="training-fold speakers held out (clean protocol)")
     folds: list[int] = Field(default_factory=list, description="test folds to run; empty = all")
+    concurrent_folds: int | None = Field(None, ge=1, description="folds trained at once; None: as many as the "
+                                         "cluster's resources hold for the configured scaling")
     test_views: int = Field(2, ge=1, description="temporal views averaged per clip at test time")
     seed: int = 0
 

@@ -87,6 +87,7 @@ class TrainingTask:
     ``train_step``; the other hooks are optional. ``fit`` sets ``rank`` and ``world_size`` before any hook."""
 
     loss_names: tuple[str, ...] = ("loss",)
+    label = "training"  # names the run in the progress lines, e.g. "crema-d fold 3"
     settings = None
     tracker = None
     rank, world_size = 0, 1
@@ -122,6 +123,15 @@ class TrainingTask:
         """Every rank, after the last epoch (a collective, as ``evaluate``): result files; rank 0's go into the
         last checkpoint."""
         return {}
+
+
+PROGRESS_METRICS = ("train/loss", "val/uar", "val/war", "val/ccc_mean", "samples_per_s")
+
+
+def progress_line(label: str, epoch: int, epochs: int, metrics: dict) -> str:
+    """One line per epoch, e.g. ``crema-d fold 3: epoch 4/50  train/loss 1.21  val/uar 0.52  ...``."""
+    shown = "  ".join(f"{name} {metrics[name]:.4g}" for name in PROGRESS_METRICS if name in metrics)
+    return f"{label}: epoch {epoch + 1}/{epochs}  {shown}"
 
 
 def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader, *, step: Callable, epoch: int,
@@ -170,6 +180,7 @@ def fit(task: TrainingTask) -> None:
         files = task.final_files(net, device) if last else None
         state = None
         if rank == 0:
+            print(progress_line(task.label, epoch, settings.epochs, metrics), flush=True)
             history.append(metrics)
             if tracker:
                 tracker.log_epoch(metrics, epoch)

@@ -8,11 +8,14 @@ promise that the model equals the reference is checked on every CI run.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow_server import MlflowServer, running_mlflow_server
 
@@ -73,3 +76,59 @@ def hicmae(tmp_path) -> Callable[..., subprocess.CompletedProcess]:
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+WORKER_TITLE = "ray::RayTrainWorker"  # the process title of a Ray Train worker actor (then ".<method>")
+REGISTERED = "checkpoint_manager_snapshot.json"  # in a Ray Train run's folder once it registered a checkpoint
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILL one Ray Train worker among ``processes()`` (not one that ran before) once ``ready()`` is true."""
+
+    def __init__(self, processes: Callable[[], list[psutil.Process]], ready: Callable[[], bool]):
+        super().__init__(daemon=True)
+        self.processes, self.ready = processes, ready
+        self.before = {p.pid for p in self.workers()}  # workers of earlier runs, if still around
+        self.killed: int | None = None
+        self.done = threading.Event()
+
+    def workers(self) -> list[psutil.Process]:
+        found = []
+        for process in self.processes():
+            try:
+                # the actor's process, not its data-loader children (they inherit its title)
+                if process.cmdline()[0].startswith(WORKER_TITLE) and process.name() != "pt_data_worker":
+                    found.append(process)
+            except (psutil.Error, IndexError):
+                continue
+        return found
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            if not self.ready():
+                continue
+            workers = [p for p in self.workers() if p.pid not in self.before]
+            if workers:
+                workers[0].send_signal(signal.SIGKILL)
+                self.killed = workers[0].pid
+                return
+
+    def __enter__(self) -> WorkerKiller:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
+
+
+@pytest.fixture
+def kill_worker_after_checkpoint() -> Callable[..., WorkerKiller]:
+    """``with kill_worker_after_checkpoint(processes, storage, runs=1) as killer: ...``: SIGKILLs one Ray Train
+    worker among ``processes()`` once ``runs`` Ray Train runs under ``storage`` have registered a checkpoint;
+    ``killer.killed`` is its pid (None if none was running by then)."""
+
+    def make(processes: Callable[[], list[psutil.Process]], storage: Path, runs: int = 1) -> WorkerKiller:
+        return WorkerKiller(processes, lambda: len(list(Path(storage).glob(f"*/{REGISTERED}"))) >= runs)
+
+    return make

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -39,7 +38,6 @@ EXPERIMENT, KILLED_EXPERIMENT = "ray-cluster", "ray-cluster-killed"
 PRETRAIN_EPOCHS = 4
 STARTUP_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 300
-WORKER_TITLE = "ray::RayTrainWorker"  # the process title of a Ray Train worker actor (then ".<method>")
 BIN = str(Path(sys.executable).parent)  # ray and hicmae: on the nodes' PATH, as in the project's image
 
 
@@ -205,53 +203,14 @@ def metric_history(server, run: dict, key: str) -> list[dict]:
     return server.get("metrics/get-history", run_id=run["info"]["run_id"], metric_key=key).get("metrics", [])
 
 
-class WorkerKiller(threading.Thread):
-    """Once the run under ``storage`` has registered a checkpoint, SIGKILL the cluster's Ray Train worker."""
-
-    def __init__(self, cluster: Cluster, storage: Path):
-        super().__init__(daemon=True)
-        self.cluster, self.storage = cluster, storage
-        self.before = {p.pid for p in self.workers()}  # workers of earlier runs, if still around
-        self.killed: int | None = None
-        self.done = threading.Event()
-
-    def workers(self) -> list[psutil.Process]:
-        found = []
-        for process in self.cluster.processes():
-            try:
-                # the actor's process, not its data-loader children (they inherit its title)
-                if process.cmdline()[0].startswith(WORKER_TITLE) and process.name() != "pt_data_worker":
-                    found.append(process)
-            except (psutil.Error, IndexError):
-                continue
-        return found
-
-    def run(self) -> None:
-        # Ray Train writes this file once it has registered a reported checkpoint (a checkpoint_* folder
-        # appears while the checkpoint is still being written).
-        while not self.done.wait(0.05):
-            if not list(self.storage.glob("*/checkpoint_manager_snapshot.json")):
-                continue
-            workers = [p for p in self.workers() if p.pid not in self.before]
-            if workers:
-                workers[0].send_signal(signal.SIGKILL)
-                self.killed = workers[0].pid
-                return
-
-
 def test_killed_worker_resumes_from_its_last_checkpoint(cluster, workdir, pretrain_job, mlflow_server,
-                                                        tmp_path):
+                                                        kill_worker_after_checkpoint, tmp_path):
     """A 2-worker pre-training job, one of whose Ray Train workers is SIGKILLed after the first checkpoint, still
     finishes, resumed from its last checkpoint, with the weights of the uninterrupted 2-worker run."""
     (tmp_path / "data").symlink_to(workdir / "data")  # the shards; this run's outputs go under tmp_path
-    killer = WorkerKiller(cluster, tmp_path / "ray_results")
-    killer.start()
-    try:
+    with kill_worker_after_checkpoint(cluster.processes, tmp_path / "ray_results") as killer:
         log = submit(cluster, "--params", str(workdir / "params.yaml"), "--env", f"HICMAE_WORKDIR={tmp_path}",
                      "--set", f"experiment={KILLED_EXPERIMENT}", "pretrain")
-    finally:
-        killer.done.set()
-        killer.join()
 
     assert killer.killed is not None, "no Ray Train worker was running after the first checkpoint"
     run = runs_by_name(mlflow_server, KILLED_EXPERIMENT)["pretrain-demo"]

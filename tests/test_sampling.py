@@ -58,7 +58,7 @@ def clip_numbers(batch: dict) -> list[int]:
 def finetune_loader(info, clips, shards, *, rank: int, world_size: int, batch: int, loader_workers: int = 0):
     settings = FinetuneSettings(batch_size=batch, protocol="reference", augment={"rand_augment": False})
     split = {"train": [c.clip_id for c in clips if c.fold != 1], "val": [], "test": []}
-    task = FinetuneTask(fold_config(settings, info, split, clip_catalog(shards), None, loader_workers))
+    task = FinetuneTask(fold_config(settings, info, 1, split, clip_catalog(shards), None, loader_workers))
     task.rank, task.world_size = rank, world_size  # as training.fit sets them
     return task.train_data()
 

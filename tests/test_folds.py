@@ -1,0 +1,106 @@
+"""Fine-tuning folds side by side: two folds trained at once give what each gives alone, and a fold whose Ray
+Train worker is killed resumes from its checkpoint while the other fold goes on.
+
+The real stage runs through the CLI on a real Ray (loopback) and a real ``mlflow server``, on tiny demo data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline import cli
+from preprocessing.datasets.demo import generate_demo
+
+pytestmark = pytest.mark.slow
+
+FOLDS, EPOCHS = (1, 2), 3
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, mlflow_server):
+    """Demo clips of 5 speakers, their manifest and shards (by the real stages), and the module's params.yaml."""
+    root = tmp_path_factory.mktemp("folds")
+    generate_demo(root / "raw", seed=0, speakers=5, clips_per_speaker=3)
+    params = {
+        "datasets": {"demo": {"root": str(root / "raw")}},
+        "preprocess": {"shard_size": 8, "use_ray": False, "progress": False},
+        "finetune": {"model": {"size": "hicmae_test"}, "init": "none", "epochs": EPOCHS, "batch_size": 4,
+                     "folds": list(FOLDS), "optim": {"warmup_epochs": 0}},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run_cli(root, mlflow_server, "manifest", "--dataset", "demo")
+    run_cli(root, mlflow_server, "preprocess", "--dataset", "demo")
+    return root
+
+
+def run_cli(work: Path, server, *args: str, params: Path | None = None) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HICMAE_WORKDIR", str(work))
+        patch.setenv("MLFLOW_TRACKING_URI", server.url)
+        assert cli.main(["--params", str(params or work / "params.yaml"), *args]) == 0
+
+
+def finetune(prepared: Path, work: Path, server, *overrides: str) -> Path:
+    """The fine-tuning stage in its own work folder, on the prepared shards; returns its folds' folder."""
+    work.mkdir()
+    (work / "data").symlink_to(prepared / "data")
+    run_cli(work, server, *overrides, "finetune", "--dataset", "demo", params=prepared / "params.yaml")
+    return work / "runs/demo/finetune"
+
+
+def run_span(storage: Path, fold: int) -> tuple[datetime, datetime]:
+    """When a fold's Ray Train run started (its folder's time stamp) and made its last checkpoint."""
+    [run] = storage.glob(f"finetune-demo-fold{fold}-*")
+    started = datetime.strptime(re.search(r"fold\d+-(\d{8}-\d{6})-", run.name).group(1), "%Y%m%d-%H%M%S")
+    last = max(datetime.strptime(path.name.removeprefix("checkpoint_"), "%Y-%m-%d_%H-%M-%S.%f")
+               for path in run.glob("checkpoint_*") if path.is_dir())
+    return started, last
+
+
+def test_folds_side_by_side_equal_one_at_a_time_and_a_killed_fold_resumes(prepared, mlflow_server, tmp_path,
+                                                                         kill_worker_after_checkpoint, capsys):
+    alone = finetune(prepared, tmp_path / "alone", mlflow_server, "--set", "finetune.concurrent_folds=1",
+                     "--set", "experiment=folds-alone")
+    assert "fine-tuning 2 folds, 1 at a time" in capsys.readouterr().out
+
+    together_work = tmp_path / "together"
+    ours = psutil.Process()  # a local Ray: its processes descend from this one
+    with kill_worker_after_checkpoint(lambda: ours.children(recursive=True), together_work / "ray_results",
+                                      runs=2) as killer:
+        together = finetune(prepared, together_work, mlflow_server, "--set", "experiment=folds-together")
+    assert "fine-tuning 2 folds, 2 at a time" in capsys.readouterr().out
+    assert killer.killed is not None, "no Ray Train worker was running once both folds had a checkpoint"
+    (start1, end1), (start2, end2) = (run_span(together_work / "ray_results", fold) for fold in FOLDS)
+    assert start1 < end2 and start2 < end1  # the two folds trained at the same time
+
+    for fold in FOLDS:  # the same results and models, side by side or alone, killed or not
+        a, b = alone / f"fold-{fold}", together / f"fold-{fold}"
+        assert json.loads(a.joinpath("test_metrics.json").read_text()) == \
+            json.loads(b.joinpath("test_metrics.json").read_text()), fold
+        assert a.joinpath("predictions_best.csv").read_text() == b.joinpath("predictions_best.csv").read_text()
+        weights_a, weights_b = load_file(a / "model/model.safetensors"), load_file(b / "model/model.safetensors")
+        assert weights_a.keys() == weights_b.keys()
+        assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), fold
+
+    experiment = mlflow_server.get("experiments/get-by-name", experiment_name="folds-together")["experiment"]
+    runs = mlflow_server.post("runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    by_name = {run["info"]["run_name"]: run for run in runs}
+    resumed = []
+    for fold in FOLDS:
+        run = by_name[f"demo-fold{fold}"]
+        assert run["info"]["status"] == "FINISHED"
+        keys = {m["key"] for m in run["data"].get("metrics", [])}
+        assert "test/war" in keys
+        resumed += [fold] if "resumed_from_epoch" in keys else []
+    assert len(resumed) == 1  # the killed fold resumed; the other went on untouched
+    assert by_name["finetune-demo"]["info"]["status"] == "FINISHED"
