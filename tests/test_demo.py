@@ -77,10 +77,10 @@ def test_faces_are_found_by_the_face_detector(demo_root: Path) -> None:
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions
 
-    from preprocessing.face_model import ensure_face_model
+    from preprocessing.face_model import ensure_face_models
 
     try:
-        model = ensure_face_model()
+        model = ensure_face_models()["short_range"]
     except RuntimeError as err:
         pytest.skip(f"face model not available: {err}")
     options = vision.FaceDetectorOptions(base_options=BaseOptions(model_asset_path=str(model)),

@@ -23,8 +23,8 @@ from pipeline.predict import load_model, names_option, predict
 from preprocessing.clip import process_clip
 from preprocessing.datasets import demo
 from preprocessing.decode import MediaError
-from preprocessing.face import FaceDetector
-from preprocessing.face_model import ensure_face_model
+from preprocessing.face_detect import FaceDetector
+from preprocessing.face_model import ensure_face_models
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample
@@ -37,9 +37,9 @@ FRAMES = round(demo.DURATION * demo.FPS)  # 70 frames of 256 x 256 per demo clip
 
 
 @pytest.fixture(scope="module")
-def face_model() -> str:
+def face_models() -> dict:
     try:
-        return str(ensure_face_model())
+        return ensure_face_models()
     except RuntimeError as err:
         pytest.skip(f"face model not available: {err}")
 
@@ -59,11 +59,11 @@ def demo_clips(tmp_path_factory) -> tuple[DatasetInfo, list[ClipRecord]]:
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(demo_clips, face_model, tmp_path_factory):
+def fine_tuned(demo_clips, face_models, tmp_path_factory):
     """The clips preprocessed as the preprocess stage does, a tiny model fine-tuned for two steps on a window of
     each, and that model exported: (model, shard samples, export folder)."""
     info, clips = demo_clips
-    with FaceDetector(face_model) as detector:
+    with FaceDetector(face_models) as detector:
         samples = [decode_sample(process_clip(info, clip, clip.clip_id, PreprocessSettings(), detector, {}))
                    for clip in clips]
     batch = collate([x for s in samples for x in finetune_eval_examples(s, 0, window=WindowSettings(), views=1)])
