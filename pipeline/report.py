@@ -1,7 +1,8 @@
 """The report stage: fold-mean test metrics next to published figures, and the plots of every run.
 
 Reads what the training stages wrote (``runs/<dataset>/metrics.json``, ``runs/<dataset>/finetune/info.json`` and
-``fold-k/{history.csv, embeddings_best.npz}``, ``runs/pretrain/history.csv``) and writes, under ``reports/``:
+``fold-k/{history.csv, embeddings_best.npz}``, ``runs/pretrain/history.csv``) and what preprocessing wrote
+(``data/<dataset>/processed/{summary.json, status.jsonl, shards/}``), and writes, under ``reports/``:
 
     results.md, results.json              per dataset and metric: our fold mean ± std (best and last epoch, %)
                                           next to HiCMAE-B's published figures and AVF-MAE++'s
@@ -9,6 +10,8 @@ Reads what the training stages wrote (``runs/<dataset>/metrics.json``, ``runs/<d
     plots/<dataset>/embeddings.png        t-SNE of the video, audio and fused clip embeddings of every fold's test
                                           clips (best epoch), coloured by class or by the first target
     plots/<dataset>/curves.png            training loss and validation metrics of every fold, per epoch
+    plots/<dataset>/faces.png             contact sheet: face crops of clips drawn at random (seeded) from the
+                                          preprocessed shards, beside the face statistics of their summary.json
     plots/pretrain/curves.png             pre-training losses and learning rate per epoch
     curves/finetune/<dataset>/fold-k.csv  epoch, train/loss, val/score (the epoch-selection metric): DVC plots
     curves/pretrain.csv                   the pre-training history: DVC plots
@@ -23,17 +26,27 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from preprocessing.manifest import DatasetInfo, write_json
+from preprocessing.shards import iter_shards
 
 from .metrics import selection_metric
-from .plots import confusion_matrix_figure, embedding_maps_figure, save_figure, training_curves_figure
+from .plots import (
+    confusion_matrix_figure,
+    contact_sheet_figure,
+    embedding_maps_figure,
+    save_figure,
+    training_curves_figure,
+)
 from .raytrain import HISTORY_FILE, history_csv
 
 INFO_FILE = "info.json"             # in runs/<dataset>/finetune: the dataset's classes/targets and selection metric
 EMBEDDINGS_FILE = "embeddings_best.npz"
 MAX_EMBEDDING_POINTS = 5000         # t-SNE cost grows with N: larger test sets are subsampled (fixed seed)
+FACE_SHEET_CLIPS, FACE_SHEET_FRAMES = 8, 6  # a contact sheet: clips drawn at random, frames evenly spread in each
+FACE_SHEET_SEED, FACE_SHEET_CROP = 0, 96    # the draw's seed; crop side on the sheet (pixels)
 
 # Metrics of the results table, in this order, where a run has them; per-target correlations follow.
 REPORTED = ("uar", "war", "f1_weighted", "ccc_mean", "pcc_mean")
@@ -131,8 +144,30 @@ def _cell(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def results_markdown(rows: list[dict], plots: dict[str, list[Path]], out: Path) -> str:
-    """The results table, what its columns mean, and links to the plots (relative to ``out``)."""
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def face_markdown(faces: dict[str, dict]) -> list[str]:
+    """The face statistics of each dataset's preprocessing (``summary.json``'s ``face``) as a table."""
+    lines = ["## Face detection", "",
+             "| dataset | clips | frames | detected | filled in | short range | full range, tiles "
+             "| face side px, median | 5th percentile |", "|---|---|---|---|---|---|---|---|---|"]
+    for dataset, face in faces.items():
+        side = face["side_px"]
+        lines.append(f"| {dataset} | {face['clips']} | {face['frames']} | {_share(face['detected'])} "
+                     f"| {_share(face['filled'])} | {_share(face['detectors'].get('short_range'))} "
+                     f"| {_share(face['detectors'].get('full_range_tiles'))} | {side['median']} | {side['p5']} |")
+    return lines + ["", "Per good clip: frames whose main face was detected (by which detector, as a share of the "
+                    "detected frames) or filled in from its neighbours; face side: the main face's box side in the "
+                    "decoded frames (median over each clip's frames), median and 5th percentile over the clips. "
+                    "Each dataset's contact sheet (`faces.png`) shows crops of clips drawn at random.", ""]
+
+
+def results_markdown(rows: list[dict], plots: dict[str, list[Path]], out: Path,
+                     faces: dict[str, dict] | None = None) -> str:
+    """The results table, what its columns mean, the face statistics, and links to the plots (relative to
+    ``out``)."""
     titles = [title for title, _ in REFERENCES.values()]
     lines = ["# Results", "",
              f"| dataset | metric | folds | ours, best epoch | ours, last epoch | {' | '.join(titles)} |",
@@ -144,6 +179,8 @@ def results_markdown(rows: list[dict], plots: dict[str, list[Path]], out: Path) 
     lines += ["", "Ours: test-fold mean ± standard deviation over the folds (percent); the best epoch is chosen on "
               "the validation split (clean protocol) or on the test fold (`protocol: reference`). Published: "
               "audio-visual fold means of HiCMAE-B (Sun et al. 2024) and AVF-MAE++ (Wu et al., CVPR 2025).", ""]
+    if faces:
+        lines += face_markdown(faces)
     for name, paths in plots.items():
         if paths:
             lines += [f"## {name}", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in paths] + [""]
@@ -235,27 +272,75 @@ def pretrain_plots(pretrain_dir: Path, out: Path) -> list[Path]:
     return [save_figure(figure, out / "plots" / "pretrain" / "curves.png")]
 
 
+def read_face_summary(processed: Path) -> dict | None:
+    """``summary.json``'s face statistics of a preprocessed dataset; None when it was not preprocessed here."""
+    path = processed / "summary.json"
+    if not path.is_file():
+        print(f"report: {path} not found: no face statistics or contact sheet", flush=True)
+        return None
+    return json.loads(path.read_text()).get("face")
+
+
+def _sheet_label(meta: dict) -> str:
+    """A sheet row's label: the clip id and which detector found its face in how many of its frames."""
+    face, frames = meta["face"], meta["num_frames"]
+    found = [f"{name.replace('_', ' ')} {count / frames:.0%}" for name, count in face["detector_frames"].items()
+             if count]
+    filled = 1 - face["detected"] / frames
+    return "\n".join([meta["clip_id"], ", ".join(found + ([f"filled {filled:.0%}"] if filled else []))])
+
+
+def face_sheet(dataset: str, processed: Path, out: Path, seed: int = FACE_SHEET_SEED) -> Path:
+    """``plots/<dataset>/faces.png``: ``FACE_SHEET_FRAMES`` crops of each of ``FACE_SHEET_CLIPS`` good clips drawn
+    at random (``seed``) from ``processed/status.jsonl``; only their shards are read, only the shown frames
+    decoded."""
+    rows = [json.loads(line) for line in (processed / "status.jsonl").read_text().splitlines() if line.strip()]
+    good = [row for row in rows if row["status"] == "ok"]
+    drawn = np.random.default_rng(seed).choice(len(good), min(FACE_SHEET_CLIPS, len(good)), replace=False)
+    keys = {good[i]["key"]: i for i in drawn}
+    shards = sorted({good[i]["shard"] for i in drawn})
+    found = {}
+    for clip in iter_shards([processed / shard for shard in shards], lazy_frames=True):
+        if clip.meta["key"] in keys:
+            shown = np.linspace(0, len(clip.frames) - 1, FACE_SHEET_FRAMES).round().astype(int)
+            crops = [cv2.resize(crop, (FACE_SHEET_CROP, FACE_SHEET_CROP), interpolation=cv2.INTER_AREA)
+                     for crop in clip.frames[shown]]
+            found[keys[clip.meta["key"]]] = (np.stack(crops), _sheet_label(clip.meta))
+    order = sorted(found)  # in status order, so the sheet reads like the status table
+    figure = contact_sheet_figure([found[i][0] for i in order], [found[i][1] for i in order],
+                                  title=f"{dataset}: face crops of {len(order)} clips drawn at random (seed {seed}) "
+                                        f"of {len(good)}")
+    return save_figure(figure, out / "plots" / dataset / "faces.png")
+
+
 def write_bytes(path: Path, payload: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(payload)
     return path
 
 
-def write_report(datasets: Iterable[str], runs: Path, out: Path) -> dict:
-    """Tables, plots and curve CSVs of ``datasets`` (fine-tuned under ``runs``) and of pre-training, in ``out``.
+def write_report(datasets: Iterable[str], runs: Path, out: Path, data: Path | None = None) -> dict:
+    """Tables, plots and curve CSVs of ``datasets`` (fine-tuned under ``runs``, preprocessed under
+    ``data/<dataset>/processed``) and of pre-training, in ``out``.
 
-    Returns ``{"rows": table rows, "markdown": results.md's text, "plots": {section: PNG paths}}``.
+    Returns ``{"rows": table rows, "markdown": results.md's text, "plots": {section: PNG paths}, "faces":
+    {dataset: face statistics}}``.
     """
     for folder in ("plots", "curves"):  # no stale figures of datasets no longer listed
         shutil.rmtree(out / folder, ignore_errors=True)
         (out / folder).mkdir(parents=True)
-    rows, plots = [], {}
+    rows, plots, faces = [], {}, {}
     for dataset in datasets:
         summary = read_json(runs / dataset / "metrics.json", f"run `hicmae finetune --dataset {dataset}` first")
         rows += table_rows(dataset, summary)
         plots[dataset] = dataset_plots(dataset, summary, runs / dataset / "finetune", out)
+        processed = data / dataset / "processed" if data is not None else None
+        face = read_face_summary(processed) if processed is not None else None
+        if face is not None:
+            faces[dataset] = face
+            plots[dataset].append(face_sheet(dataset, processed, out))
     plots["pre-training"] = pretrain_plots(runs / "pretrain", out)
-    markdown = results_markdown(rows, plots, out)
+    markdown = results_markdown(rows, plots, out, faces)
     (out / "results.md").write_text(markdown)
     write_json(out / "results.json", results_json(rows))
-    return {"rows": rows, "markdown": markdown, "plots": plots}
+    return {"rows": rows, "markdown": markdown, "plots": plots, "faces": faces}

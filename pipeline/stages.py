@@ -135,12 +135,12 @@ def _log_fold_artifacts(out: Path, summary: dict, info) -> None:
 
 
 def stage_report(params: Params) -> str:
-    """reports/: the results table next to the published figures, and every dataset's plots (pipeline/report.py),
-    all logged to the report run."""
+    """reports/: the results table next to the published figures, the face statistics and contact sheets, and
+    every dataset's plots (pipeline/report.py), all logged to the report run."""
     out = work_root() / "reports"
     with tracking.start_stage_run("report", params, experiment=params.experiment, run_name="report",
                                   tags={"variant": params.variant}):
-        report = write_report(params.datasets, runs_dir(), out)
+        report = write_report(params.datasets, runs_dir(), out, data=work_root() / "data")
         for name in ("results.md", "results.json"):
             mlflow.log_artifact(str(out / name))
         tracking.log_table(report["rows"], "results.csv")

@@ -153,13 +153,13 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     return count
 
 
-def iter_shards(paths: Iterable[str | os.PathLike]) -> Iterator[ClipSample]:
-    """Read shards in order and yield every clip decoded."""
+def iter_shards(paths: Iterable[str | os.PathLike], lazy_frames: bool = False) -> Iterator[ClipSample]:
+    """Read shards in order and yield every clip decoded (its frames still packed with ``lazy_frames``)."""
     urls = [str(path) for path in paths]
     if not urls:
         return
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        yield decode_sample(sample)
+        yield decode_sample(sample, lazy_frames)
 
 
 def fbank_window(t0: int, t1: int, fps: float, fbank_rate: float) -> tuple[int, int]:
