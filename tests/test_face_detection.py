@@ -129,6 +129,13 @@ def test_region_hint_must_be_a_box_inside_the_frame():
         ClipRecord(clip_id="b", video="b.mp4", face_region=(0.6, 0, 0.5, 1))
 
 
+def test_region_hint_travels_with_the_work_unit():
+    from preprocessing.units import WorkUnit
+
+    unit = WorkUnit(0, "digest", [ClipRecord(clip_id="a", video="a.mp4", face_region=(0.5, 0.0, 1.0, 1.0))])
+    assert WorkUnit.from_json(unit.to_json()).clips == unit.clips
+
+
 def test_manifest_without_hints_is_written_as_before(tmp_path):
     from preprocessing.manifest import write_manifest
 
