@@ -21,8 +21,10 @@ from preprocessing.face import X0, X1, Y0, Y1
 from preprocessing.face_detect import DETECTOR, DETECTORS, SCORE, Region, box_iou, inside_region
 
 CUT_BINS = 16          # histogram bins per colour channel
-CUT_THRESHOLD = 0.5    # share of the colour histogram that changes between two frames at a hard cut
 CUT_STRIDE = 8         # the histograms are taken from every 8th pixel in both directions
+CUT_MIN_CHANGE = 0.04  # a hard cut changes at least this share of the colour histogram from one frame to the next
+CUT_RATIO = 5.0        # ... and this many times the mean change of the CUT_WINDOW frames on either side
+CUT_WINDOW = 2
 LINK_CONTEXT = 2.0     # boxes are compared at this many times their size when linking (see ``link_tracks``)
 LETTERS = "st"         # per-frame letter of each detector pass (DETECTORS order) in the shard metadata
 
@@ -61,15 +63,28 @@ def _colour_histogram(frame: np.ndarray) -> np.ndarray:
     return histogram / max(histogram.sum(), 1.0)
 
 
+def histogram_changes(frames: np.ndarray) -> np.ndarray:
+    """frames: (T, H, W, 3) uint8. Returns (T - 1,): the share of the colour histogram that changes from each
+    frame to the next, in [0, 1]."""
+    histograms = np.stack([_colour_histogram(frame) for frame in frames])       # (T, 3 * CUT_BINS)
+    return np.abs(np.diff(histograms, axis=0)).sum(axis=1) / 2                 # each histogram sums to 1
+
+
 def shot_ids(frames: np.ndarray) -> np.ndarray:
     """frames: (T, H, W, 3) uint8. Returns (T,) int: the shot of each frame, one more after every hard cut.
 
-    A hard cut is a change of more than ``CUT_THRESHOLD`` of the colour histogram from one frame to the next;
-    head motion, zooms and pans within a shot change a few percent of it.
+    A hard cut is a histogram change (``histogram_changes``) of at least ``CUT_MIN_CHANGE`` that is also
+    ``CUT_RATIO`` times the mean change of the ``CUT_WINDOW`` frames on either side: measured, a cut between two
+    people in front of the same background changes 6 % of the histogram (22 times its neighbours), one to another
+    background 56 %; within the demo's shots, with fast head motion, changes stay under 7.2 % and under 6.5 times
+    their neighbours (under 3.5 times where above 1 %). A flash changes two frames in a row and is no cut.
     """
-    histograms = np.stack([_colour_histogram(frame) for frame in frames])       # (T, 3 * CUT_BINS)
-    change = np.abs(np.diff(histograms, axis=0)).sum(axis=1) / 2               # (T - 1,) in [0, 1]
-    return np.concatenate([[0], np.cumsum(change > CUT_THRESHOLD)]).astype(np.int64)
+    change = histogram_changes(frames)
+    cuts = np.zeros(len(change), dtype=bool)
+    for t, value in enumerate(change):
+        around = np.concatenate([change[max(0, t - CUT_WINDOW):t], change[t + 1:t + 1 + CUT_WINDOW]])
+        cuts[t] = value >= CUT_MIN_CHANGE and value >= CUT_RATIO * (around.mean() if len(around) else 0.0)
+    return np.concatenate([[0], np.cumsum(cuts)]).astype(np.int64)
 
 
 def _with_context(row: np.ndarray) -> np.ndarray:

@@ -25,8 +25,8 @@ class PreprocessSettings(BaseModel):
                                   "detection (the detector resamples to 128x128 itself)")
     detect_every: int = Field(1, ge=1, description="run the detector on every n-th frame, interpolate between")
     face_detection: Literal["short_then_full_range", "short_range"] = Field(
-        "short_then_full_range", description="short range, then full range on the whole frame and on tiles "
-        "where it finds no face (small, distant faces); or short range only")
+        "short_then_full_range", description="short range on the whole frame, then full range on tiles where "
+        "it finds no face (small, distant faces); or short range only")
     max_short_side: int = Field(480, ge=64, description="decoded frames are downscaled to this")
     min_detection_confidence: float = Field(0.5, gt=0, lt=1)
     smooth_frames: int = Field(5, ge=1, description="moving-average window for face boxes and keypoints")

@@ -11,7 +11,7 @@ from preprocessing.decode import MediaError, decode_video
 from preprocessing.face import crop_transform
 from preprocessing.face_detect import TILE_SIDE, FaceDetector, detect_frames, grid_tiles
 from preprocessing.face_model import MODELS, ensure_face_models, sha256_of
-from preprocessing.face_tracks import link_tracks, main_track_geometry, shot_ids
+from preprocessing.face_tracks import histogram_changes, link_tracks, main_track_geometry, shot_ids
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample
@@ -101,11 +101,13 @@ def test_region_hint_picks_the_hinted_of_two_faces(tmp_path, speech, detector):
         load_clip_media(path, path, None, None, SETTINGS, detector, {}, region=(0.0, 0.0, 0.1, 0.1))
 
 
-def test_a_hard_cut_to_another_face_ends_the_track(tmp_path, speech, detector):
+@pytest.mark.parametrize("backgrounds", [(0, 1), (0, 0)], ids=["new background", "same background"])
+def test_a_hard_cut_to_another_face_ends_the_track(tmp_path, speech, detector, backgrounds):
     astronaut = Portrait("astronaut", 90, 0.5, 0.5)
     hopper = Portrait("grace_hopper", 90, 0.5, 0.5)  # same place and size: box overlap alone would link them
+    first, second = backgrounds
     path = write_clip(tmp_path / "cut.mp4", seconds=2.0, size=(640, 360), speech=speech,
-                      frames=cut_scene([Shot(1.2, (astronaut,), 0), Shot(2.0, (hopper,), 1)]))
+                      frames=cut_scene([Shot(1.2, (astronaut,), first), Shot(2.0, (hopper,), second)]))
     video, _ = decode_video(path)
     shots = shot_ids(video.frames)
     assert shots.tolist() == [0] * 30 + [1] * 20
@@ -121,6 +123,21 @@ def test_a_hard_cut_to_another_face_ends_the_track(tmp_path, speech, detector):
     strict = PreprocessSettings(min_face_fraction=0.7)
     with pytest.raises(MediaError, match="a face in 30 of 50 frames"):
         load_clip_media(path, path, None, None, strict, detector, {})
+
+
+def test_head_motion_and_a_flash_are_no_cuts(tmp_path):
+    """The demo's fastest head motion (shaking, zooming a large face) and one over-exposed frame: one shot."""
+    from preprocessing.datasets import demo
+
+    (tmp_path / demo.CLIP_DIR).mkdir()
+    one_per_motion = {plan.emotion: plan for plan in demo.plan_clips(seed=0, speakers=5, clips_per_speaker=2)}
+    for plan in one_per_motion.values():
+        demo.render_clip(plan, 0, tmp_path)
+        video, _ = decode_video(tmp_path / demo.CLIP_DIR / f"{plan.clip}.mp4")
+        assert (shot_ids(video.frames) == 0).all(), plan
+    flashed = video.frames.copy()
+    flashed[30] = np.clip(flashed[30].astype(int) + 120, 0, 255)
+    assert histogram_changes(flashed)[29] > 0.3 and (shot_ids(flashed) == 0).all()
 
 
 def test_region_hint_must_be_a_box_inside_the_frame():
