@@ -33,6 +33,7 @@ import numpy as np
 
 from preprocessing.face import X0, X1, Y0, Y1
 from preprocessing.face_model import ensure_face_models
+from preprocessing.settings import PreprocessSettings
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's native logging: errors only
 
@@ -62,7 +63,7 @@ class FaceDetector:
         self.detect_long_side = detect_long_side
 
     @classmethod
-    def from_settings(cls, settings) -> FaceDetector:
+    def from_settings(cls, settings: PreprocessSettings) -> FaceDetector:
         """The detector a ``PreprocessSettings`` describes, its models fetched if needed."""
         models = ensure_face_models(settings.face_models)
         return cls(models, min_confidence=settings.min_detection_confidence,
