@@ -24,8 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from preprocessing.decode import decode_video  # noqa: E402
-from preprocessing.face import CROP_SIZE, FaceDetector, crop_transform, detect_frames, main_track_geometry  # noqa: E402
-from preprocessing.face_model import ensure_face_model  # noqa: E402
+from preprocessing.face import CROP_SIZE, crop_transform  # noqa: E402
+from preprocessing.face_detect import FaceDetector, detect_frames  # noqa: E402
+from preprocessing.face_tracks import main_track_geometry  # noqa: E402
 from preprocessing.settings import PreprocessSettings  # noqa: E402
 
 # The crop's corners and centre, crop pixels: (5, 2).
@@ -38,7 +39,7 @@ class Replay:
     def __init__(self, detections: list[np.ndarray]):
         self.detections = detections
 
-    def detect(self, t: int) -> np.ndarray:
+    def detect(self, t: int, **_) -> np.ndarray:
         return self.detections[t]
 
 
@@ -77,12 +78,13 @@ def agreement(paths: list[Path], detector: FaceDetector, settings: PreprocessSet
     for path in paths:
         video, _ = decode_video(path, settings.fps, max_short_side=settings.max_short_side)
         recorded = detect_frames(detector, video.frames)
-        reference, _ = main_track_geometry(recorded, settings.smooth_frames)
+        reference, _ = main_track_geometry(recorded, smooth_frames=settings.smooth_frames)
         indices = np.arange(len(recorded))
-        unsmoothed, _ = main_track_geometry(recorded, 1)
+        unsmoothed, _ = main_track_geometry(recorded, smooth_frames=1)
         found.setdefault("every frame, unsmoothed", []).append(crop_distance(reference, unsmoothed))
         for k in every:
-            geometry, _ = main_track_geometry(detect_frames(Replay(recorded), indices, k), settings.smooth_frames)
+            geometry, _ = main_track_geometry(detect_frames(Replay(recorded), indices, k),
+                                              smooth_frames=settings.smooth_frames)
             found.setdefault(f"detect_every {k}", []).append(crop_distance(reference, geometry))
     return {label: np.concatenate(parts) for label, parts in found.items()}
 
@@ -96,8 +98,7 @@ def main() -> None:
     settings = PreprocessSettings()
     print(f"crop distance to every-frame detection, pixels of the {CROP_SIZE}-pixel crop: mean / p95 / max")
     with tempfile.TemporaryDirectory(prefix="hicmae-track-") as folder, \
-            FaceDetector(str(ensure_face_model()), settings.min_detection_confidence,
-                         settings.detect_long_side) as detector:
+            FaceDetector.from_settings(settings) as detector:
         for source, paths in source_clips(args.demo, args.demo_clips, Path(folder)).items():
             results = agreement(paths, detector, settings, args.every)
             frames = len(next(iter(results.values())))

@@ -1,4 +1,5 @@
-"""Figures for runs and reports: confusion matrix, training curves, 2-D embedding maps; atomic PNG writing.
+"""Figures for runs and reports: confusion matrix, training curves, 2-D embedding maps, face-crop contact sheets;
+atomic PNG writing.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, rendered by the Agg backend), so they are
 safe in worker processes and are freed when dropped. ``save_figure`` writes one as a PNG (then
@@ -164,6 +165,19 @@ def _scatter(fig: Figure, ax, points: np.ndarray, labels: np.ndarray, class_name
 def _class_colours(count: int) -> list:
     cmap = colormaps["tab10" if count <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(count)]
+
+
+def contact_sheet_figure(strips: Sequence[np.ndarray], labels: Sequence[str], title: str) -> Figure:
+    """One row per clip: its crops side by side, its label on the left. strips: (k, H, W, 3) uint8 each."""
+    fig = Figure(figsize=(10.0, 0.4 + 1.25 * max(1, len(strips))), dpi=DPI, layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    for index, (strip, label) in enumerate(zip(strips, labels, strict=True), start=1):
+        ax = fig.add_subplot(len(strips), 1, index)
+        ax.imshow(np.concatenate(list(strip), axis=1))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    return fig
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:

@@ -21,10 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,8 +32,8 @@ import torch
 from model import HiCMAEClassifier, config_overrides_from_reference, get_config, load_reference_weights, read_checkpoint
 from preprocessing.clip import ClipMedia, load_clip_media, timed
 from preprocessing.decode import MediaError, open_media
-from preprocessing.face import X0, X1, Y0, Y1, FaceDetector
-from preprocessing.face_model import ensure_face_model
+from preprocessing.face import X0, X1, Y0, Y1
+from preprocessing.face_detect import DETECTORS, FaceDetector, native_logs_hidden
 from preprocessing.fbank import FRAMES_PER_SECOND
 from preprocessing.fileio import atomic_path, atomic_write_text
 from preprocessing.settings import PreprocessSettings
@@ -50,7 +47,9 @@ from .settings import WindowSettings
 PREVIEW_SUFFIXES = (".png", ".mp4")
 BATCH_SIZE = 8
 PNG_PANELS = 8  # window frames shown in a PNG preview (evenly chosen when there are more windows)
-GREEN, YELLOW = (40, 220, 40), (240, 200, 0)  # face box: detected in this frame / filled by the track
+# Face box colour: detected in this frame by short range / by full range on tiles (small faces), or filled in.
+BOX_COLOURS = {"short_range": (40, 220, 40), "full_range_tiles": (0, 160, 255), None: (240, 200, 0)}
+BOX_LEGEND = {"short_range": "short range", "full_range_tiles": "full range, tiles", None: "filled in"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,34 +168,21 @@ def stored_size(path: Path) -> tuple[int, int]:
         return context.width, context.height
 
 
-@contextmanager
-def native_logs_hidden() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null for the block: mediapipe's native runtime writes INFO lines there
-    that no setting turns off. Python exceptions raised in the block still reach the caller."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def face_track(media: ClipMedia, source_size: tuple[int, int]) -> list[dict]:
     """Per frame: time (s), the main face's box [x, y, w, h] in source pixels (inside the image), the detector
-    score and whether the face was detected in that frame (else filled in from its neighbours)."""
+    score, whether the face was detected in that frame (else filled in from its neighbours) and by which
+    detector pass (``preprocessing.face_detect.DETECTORS``, None where filled in)."""
     height, width = media.video.frames.shape[1:3]
     scale = np.array([source_size[0] / width, source_size[1] / height] * 2)
     boxes = np.clip(media.geometry[:, [X0, Y0, X1, Y1]], 0, [width, height, width, height]) * scale  # (T, 4)
-    scores = media.face.scores
+    scores, detectors = media.face.scores, media.face.detectors
     track = []
     for t, (x0, y0, x1, y1) in enumerate(boxes):
         detected = bool(np.isfinite(scores[t]))
         track.append({"time": round(media.origin + t / media.video.fps, 3),
                       "box": [round(float(v), 1) for v in (x0, y0, x1 - x0, y1 - y0)],
-                      "score": round(float(scores[t]), 4) if detected else None, "detected": detected})
+                      "score": round(float(scores[t]), 4) if detected else None, "detected": detected,
+                      "detector": DETECTORS[detectors[t]] if detected else None})
     return track
 
 
@@ -219,9 +205,7 @@ def predict(video: str | Path, model: str | Path, out: str | Path | None = None,
     with timed(timings, "load_model"):
         net, card = load_model(model, size, classes, targets, device)
     settings = PreprocessSettings(**card["preprocess"])
-    face_model = str(ensure_face_model(settings.face_model))
-    with native_logs_hidden(), FaceDetector(face_model, settings.min_detection_confidence,
-                                            settings.detect_long_side) as detector:
+    with native_logs_hidden(), FaceDetector.from_settings(settings) as detector:
         media = load_clip_media(video, video, None, None, settings, detector, timings)
     task, names, window = card["task"], output_names(card), WindowSettings(**card["window"])
     with timed(timings, "model"):
@@ -233,7 +217,8 @@ def predict(video: str | Path, model: str | Path, out: str | Path | None = None,
         ("classes" if task == "classification" else "targets"): names,
         "fps": media.video.fps, "duration": round(media.video.duration, 3), "frame_size": list(source_size),
         "face": {"frames": len(media.crops), "detected": stats.detected, "fraction": round(stats.fraction, 4),
-                 "tracks": stats.tracks, "track": face_track(media, source_size)},
+                 "tracks": stats.tracks, "cuts": stats.cuts, "detector_frames": stats.detector_counts(),
+                 "track": face_track(media, source_size)},
         "windows": [window_entry(media, start, window.span, values, names, task)
                     for start, values in zip(starts, outputs, strict=True)],
         "clip": _named(outputs.mean(axis=0), names, task),
@@ -287,8 +272,8 @@ def _box(media: ClipMedia, t: int) -> tuple[int, int, int, int]:
 
 
 def preview_png(path: Path, media: ClipMedia, result: dict) -> Path:
-    """A grid: one frame per window (its middle frame, face box, time span and label) and a bar chart of the
-    clip-level output."""
+    """A grid: one frame per window (its middle frame, face box coloured by the detector that found it, time span
+    and label) and a bar chart of the clip-level output."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
@@ -305,10 +290,11 @@ def preview_png(path: Path, media: ClipMedia, result: dict) -> Path:
         x0, y0, x1, y1 = _box(media, t)
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(media.video.frames[t])
-        detected = result["face"]["track"][t]["detected"]
+        detector = result["face"]["track"][t]["detector"]
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linewidth=2,
-                               edgecolor=np.array(GREEN if detected else YELLOW) / 255))
-        ax.set_title(f"{window['start']:.2f}-{window['end']:.2f} s\n{label_text(window)}", fontsize=9)
+                               edgecolor=np.array(BOX_COLOURS[detector]) / 255))
+        ax.set_title(f"{window['start']:.2f}-{window['end']:.2f} s\n{label_text(window)}\n"
+                     f"face: {BOX_LEGEND[detector]}", fontsize=9)
         ax.axis("off")
     ax = fig.add_subplot(rows, columns, len(shown) + 1)
     clip = result["clip"]
@@ -342,7 +328,8 @@ def draw_frame(frame: np.ndarray, box: tuple[int, int, int, int], colour: tuple[
 
 
 def preview_mp4(path: Path, media: ClipMedia, result: dict) -> Path:
-    """Every decoded frame with the face box (green: detected, yellow: filled) and the window's label, h264."""
+    """Every decoded frame with the face box (green: found by short range, blue: by full range on tiles, yellow:
+    filled in), the window's label and the detector's name, h264."""
     import av
 
     frames = media.video.frames
@@ -354,8 +341,9 @@ def preview_mp4(path: Path, media: ClipMedia, result: dict) -> Path:
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "veryfast", "crf": "23"}
         for t, frame in enumerate(frames):
-            colour = GREEN if track[t]["detected"] else YELLOW
-            image = draw_frame(frame[:height, :width], _box(media, t), colour, labels[t])
+            detector = track[t]["detector"]
+            image = draw_frame(frame[:height, :width], _box(media, t), BOX_COLOURS[detector],
+                               f"{labels[t]}  [{BOX_LEGEND[detector]}]")
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
     return path

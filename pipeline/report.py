@@ -1,7 +1,8 @@
 """The report stage: fold-mean test metrics next to published figures, and the plots of every run.
 
 Reads what the training stages wrote (``runs/<dataset>/metrics.json``, ``runs/<dataset>/finetune/info.json`` and
-``fold-k/{history.csv, embeddings_best.npz}``, ``runs/pretrain/history.csv``) and writes, under ``reports/``:
+``fold-k/{history.csv, embeddings_best.npz}``, ``runs/pretrain/history.csv``) and what preprocessing wrote
+(``data/<dataset>/processed/{summary.json, status.jsonl, shards/}``), and writes, under ``reports/``:
 
     results.md, results.json              per dataset and metric: our fold mean ± std (best and last epoch, %)
                                           next to HiCMAE-B's published figures and AVF-MAE++'s
@@ -9,6 +10,8 @@ Reads what the training stages wrote (``runs/<dataset>/metrics.json``, ``runs/<d
     plots/<dataset>/embeddings.png        t-SNE of the video, audio and fused clip embeddings of every fold's test
                                           clips (best epoch), coloured by class or by the first target
     plots/<dataset>/curves.png            training loss and validation metrics of every fold, per epoch
+    plots/<dataset>/faces.png             contact sheet: face crops of clips drawn at random (seeded) from the
+                                          preprocessed shards, beside the face statistics of their summary.json
     plots/pretrain/curves.png             pre-training losses and learning rate per epoch
     curves/finetune/<dataset>/fold-k.csv  epoch, train/loss, val/score (the epoch-selection metric): DVC plots
     curves/pretrain.csv                   the pre-training history: DVC plots
@@ -29,6 +32,7 @@ from preprocessing.fileio import atomic_write_bytes, atomic_write_text, write_js
 
 from . import tracking
 from .config import DataParams
+from .face_report import face_markdown, face_sheet, read_face_summary
 from .history import history_csv, read_history
 from .layout import FinetuneRun, Layout, PretrainRun, require
 from .plots import confusion_matrix_figure, embedding_maps_figure, save_figure, training_curves_figure
@@ -113,8 +117,10 @@ def _cell(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def results_markdown(rows: list[dict], plots: dict[str, list[Path]], out: Path) -> str:
-    """The results table, what its columns mean, and links to the plots (relative to ``out``)."""
+def results_markdown(rows: list[dict], plots: dict[str, list[Path]], out: Path,
+                     faces: dict[str, dict] | None = None) -> str:
+    """The results table, what its columns mean, the face statistics, and links to the plots (relative to
+    ``out``)."""
     titles = [title for title, _ in REFERENCES.values()]
     lines = ["# Results", "",
              f"| dataset | metric | folds | ours, best epoch | ours, last epoch | {' | '.join(titles)} |",
@@ -126,6 +132,8 @@ def results_markdown(rows: list[dict], plots: dict[str, list[Path]], out: Path) 
     lines += ["", "Ours: test-fold mean ± standard deviation over the folds (percent); the best epoch is chosen on "
               "the validation split (clean protocol) or on the test fold (`protocol: reference`). Published: "
               "audio-visual fold means of HiCMAE-B (Sun et al. 2024) and AVF-MAE++ (Wu et al., CVPR 2025).", ""]
+    if faces:
+        lines += face_markdown(faces)
     for name, paths in plots.items():
         if paths:
             lines += [f"## {name}", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in paths] + [""]
@@ -217,25 +225,32 @@ def pretrain_plots(run: PretrainRun, out: Path) -> list[Path]:
 
 
 def write_report(datasets: Iterable[str], layout: Layout) -> dict:
-    """Tables, plots and curve CSVs of ``datasets`` and of pre-training, in ``layout.reports``.
+    """Tables, plots and curve CSVs of ``datasets`` (fine-tuned under runs/, preprocessed under data/) and of
+    pre-training, in ``layout.reports``.
 
-    Returns ``{"rows": table rows, "markdown": results.md's text, "plots": {section: PNG paths}}``.
+    Returns ``{"rows": table rows, "markdown": results.md's text, "plots": {section: PNG paths}, "faces":
+    {dataset: face statistics}}``.
     """
     out = layout.reports
     for folder in ("plots", "curves"):  # no stale figures of datasets no longer listed
         shutil.rmtree(out / folder, ignore_errors=True)
         (out / folder).mkdir(parents=True)
-    rows, plots = [], {}
+    rows, plots, faces = [], {}, {}
     for dataset in datasets:
         run = layout.finetune(dataset)
         summary = read_json(run.metrics, f"run `hicmae finetune --dataset {dataset}` first")
         rows += table_rows(dataset, summary)
         plots[dataset] = dataset_plots(dataset, summary, run, out)
+        processed = layout.data(dataset).processed
+        face = read_face_summary(processed)
+        if face is not None:
+            faces[dataset] = face
+            plots[dataset].append(face_sheet(dataset, processed, out))
     plots["pre-training"] = pretrain_plots(layout.pretrain, out)
-    markdown = results_markdown(rows, plots, out)
+    markdown = results_markdown(rows, plots, out, faces)
     atomic_write_text(out / "results.md", markdown)
     write_json(out / "results.json", results_json(rows))
-    return {"rows": rows, "markdown": markdown, "plots": plots}
+    return {"rows": rows, "markdown": markdown, "plots": plots, "faces": faces}
 
 
 def stage_report(params: DataParams) -> str:

@@ -42,11 +42,23 @@ class ClipRecord(BaseModel):
     targets: list[float] | None = Field(None, description="dimensional labels, DatasetInfo.targets order")
     speaker: str | None = Field(None, description="speaker/subject id; None when the dataset has none")
     fold: int | None = Field(None, ge=1, description="1-based test fold of the paper protocol")
+    face_region: tuple[float, float, float, float] | None = Field(
+        None, description="where the speaker's face is: (x0, y0, x1, y1), fractions of the upright frame's "
+        "width and height; only faces centred inside it are tracked. None: any face")
 
     @model_validator(mode="after")
     def _segment_is_ordered(self) -> ClipRecord:
         if self.start is not None and self.end is not None and self.end <= self.start:
             raise ValueError(f"clip {self.clip_id}: end {self.end} is not after start {self.start}")
+        return self
+
+    @model_validator(mode="after")
+    def _region_is_a_box(self) -> ClipRecord:
+        if self.face_region is not None:
+            x0, y0, x1, y1 = self.face_region
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError(f"clip {self.clip_id}: face_region {list(self.face_region)} is not a box "
+                                 "(x0, y0, x1, y1) with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
         return self
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from preprocessing.clip import STAGES
-from preprocessing.face import FaceDetector
-from preprocessing.face_model import ensure_face_model
+from preprocessing.face_detect import DETECTORS, FaceDetector
+from preprocessing.face_model import ensure_face_models
 from preprocessing.fileio import atomic_write_text, write_json
 from preprocessing.manifest import DatasetInfo, read_manifest
 from preprocessing.ray_runtime import start_ray
@@ -37,12 +37,11 @@ from preprocessing.units import WorkUnit, plan_units, process_unit, read_status,
 class UnitWorker:
     """A Ray Data callable class: one face detector per worker process, one unit per batch row."""
 
-    def __init__(self, out_dir: str, info_json: str, settings_json: str, model_path: str):
+    def __init__(self, out_dir: str, info_json: str, settings_json: str):
         self.out_dir = Path(out_dir)
         self.info = DatasetInfo.model_validate_json(info_json)
         self.settings = PreprocessSettings.model_validate_json(settings_json)
-        self.detector = FaceDetector(model_path, self.settings.min_detection_confidence,
-                                     self.settings.detect_long_side)
+        self.detector = FaceDetector.from_settings(self.settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done = [process_unit(self.out_dir, self.info, WorkUnit.from_json(text), self.settings, self.detector)
@@ -50,8 +49,8 @@ class UnitWorker:
         return {"clips": np.array([len(status["clips"]) for status in done])}
 
 
-def _run_on_ray(out_dir: Path, info: DatasetInfo, units: list[WorkUnit], settings: PreprocessSettings,
-                model_path: str) -> Iterator[int]:
+def _run_on_ray(out_dir: Path, info: DatasetInfo, units: list[WorkUnit],
+                settings: PreprocessSettings) -> Iterator[int]:
     """Process units on Ray Data; yields the clip count of each finished unit."""
     import ray
 
@@ -66,7 +65,7 @@ def _run_on_ray(out_dir: Path, info: DatasetInfo, units: list[WorkUnit], setting
             UnitWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=settings.cpus_per_worker,
             fn_constructor_kwargs={"out_dir": str(out_dir.resolve()), "info_json": info.model_dump_json(),
-                                   "settings_json": settings.model_dump_json(), "model_path": model_path})
+                                   "settings_json": settings.model_dump_json()})
         for row in dataset.iter_rows():
             yield int(row["clips"])
     finally:
@@ -74,22 +73,41 @@ def _run_on_ray(out_dir: Path, info: DatasetInfo, units: list[WorkUnit], setting
             ray.shutdown()
 
 
-def _run_here(out_dir: Path, info: DatasetInfo, units: list[WorkUnit], settings: PreprocessSettings,
-              model_path: str) -> Iterator[int]:
+def _run_here(out_dir: Path, info: DatasetInfo, units: list[WorkUnit],
+              settings: PreprocessSettings) -> Iterator[int]:
     """Process units one after another in this process (no Ray)."""
-    with FaceDetector(model_path, settings.min_detection_confidence, settings.detect_long_side) as detector:
+    with FaceDetector.from_settings(settings) as detector:
         for unit in units:
             yield len(process_unit(out_dir, info, unit, settings, detector)["clips"])
 
 
+def face_summary(rows: list[dict]) -> dict:
+    """Face detection over the good clips: shares of output frames detected and filled, share of detected frames
+    each detector pass found, and the main face's box side in decoded-frame pixels (median and 5th percentile
+    over the clips of each clip's median)."""
+    faces = [row["face"] for row in rows if row.get("face")]
+    frames = sum(face["frames"] for face in faces)
+    detected = sum(face["detected"] for face in faces)
+    by_detector = {name: sum(face["detector_frames"].get(name, 0) for face in faces) for name in DETECTORS}
+    sides = [face["side_px"] for face in faces]
+    return {"clips": len(faces), "frames": frames,
+            "detected": round(detected / frames, 4) if frames else 0.0,
+            "filled": round(1 - detected / frames, 4) if frames else 0.0,
+            "detectors": {name: round(count / detected, 4) if detected else 0.0 for name, count in by_detector.items()},
+            "side_px": {"median": round(float(np.median(sides)), 1) if sides else None,
+                        "p5": round(float(np.percentile(sides, 5)), 1) if sides else None}}
+
+
 def summarise(statuses: list[dict], processed: int, wall: float) -> dict:
-    """Clip counts by outcome and seconds per stage (summed over all units of the output)."""
+    """Clip counts by outcome, face detection (``face_summary``) and seconds per stage (summed over all units of
+    the output)."""
     rows = [row for status in statuses for row in status["clips"]]
     outcomes = Counter(row["status"] for row in rows)
     seconds = {stage: round(sum(status["seconds"].get(stage, 0.0) for status in statuses), 3)
                for stage in STAGES}
     return {"clips": len(rows), "ok": outcomes.pop("ok", 0), "failed": dict(sorted(outcomes.items())),
             "shards": sorted({status["shard"] for status in statuses if status["shard"]}),
+            "face": face_summary(rows),
             "units": len(statuses), "units_processed_now": processed, "stage_seconds": seconds,
             "wall_seconds_now": round(wall, 3)}
 
@@ -110,12 +128,12 @@ def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     remove_leftovers(out_dir, units)
     todo = [unit for unit in units if not unit_done(out_dir, unit)]
     if todo:
-        model_path = str(ensure_face_model(settings.face_model))
+        ensure_face_models(settings.face_models)  # fetched once here, before any worker needs them
         run = _run_on_ray if settings.use_ray else _run_here
         todo_indices = {unit.index for unit in todo}
         done_clips = sum(len(unit.clips) for unit in units if unit.index not in todo_indices)
         with _progress(settings, len(clips), done_clips) as bar:
-            for count in run(out_dir, info, todo, settings, model_path):
+            for count in run(out_dir, info, todo, settings):
                 bar.update(count)
     statuses = [read_status(out_dir, unit.index) for unit in units]
     missing = [unit.index for unit, status in zip(units, statuses, strict=True) if status is None]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 # Fields that only change how a run executes, not what it writes; left out of the work-unit hash.
-EXECUTION_FIELDS = {"workers", "cpus_per_worker", "use_ray", "face_model", "progress"}
+EXECUTION_FIELDS = {"workers", "cpus_per_worker", "use_ray", "face_models", "progress"}
 
 
 class PreprocessSettings(BaseModel):
@@ -23,10 +25,14 @@ class PreprocessSettings(BaseModel):
     detect_long_side: int = Field(1280, ge=64, description="frames with a longer side are downscaled for "
                                   "detection (the detector resamples to 128x128 itself)")
     detect_every: int = Field(1, ge=1, description="run the detector on every n-th frame, interpolate between")
+    face_detection: Literal["short_then_full_range", "short_range"] = Field(
+        "short_then_full_range", description="short range on the whole frame, then full range on tiles where "
+        "it finds no face (small, distant faces); or short range only")
     max_short_side: int = Field(480, ge=64, description="decoded frames are downscaled to this")
     min_detection_confidence: float = Field(0.5, gt=0, lt=1)
     smooth_frames: int = Field(5, ge=1, description="moving-average window for face boxes and keypoints")
-    face_model: str | None = Field(None, description="face detector .tflite; None: $HICMAE_FACE_MODEL/cache")
+    face_models: str | None = Field(None, description="folder of the face detector .tflite files; None: "
+                                    "$HICMAE_FACE_MODELS or the cache")
     workers: int | None = Field(None, ge=1, description="parallel worker processes; None: one per CPU")
     cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs each worker claims")
     use_ray: bool = Field(True, description="False: process units in this process (debugging)")

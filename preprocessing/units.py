@@ -21,7 +21,7 @@ from pathlib import Path
 
 from preprocessing.clip import STAGES, process_clip, timed
 from preprocessing.decode import MediaError
-from preprocessing.face import FaceDetector
+from preprocessing.face_detect import FaceDetector
 from preprocessing.fileio import TEMP_GLOB, write_json
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
@@ -35,7 +35,7 @@ from preprocessing.shard_index import (
     shard_file,
     write_shard,
 )
-from preprocessing.shards import sample_key
+from preprocessing.shards import META_FIELD, sample_key
 
 
 @dataclass
@@ -128,6 +128,14 @@ def _failure_row(info: DatasetInfo, clip: ClipRecord, reason: str, file: str, de
     return {"clip_id": clip.clip_id, "status": reason, "file": file, "detail": detail}
 
 
+def _face_row(sample: dict) -> dict:
+    """The part of a clip's face detection that summary.json aggregates (from its encoded meta.json)."""
+    meta = json.loads(sample[META_FIELD])
+    face = meta["face"]
+    return {"frames": meta["num_frames"], "detected": face["detected"], "detector_frames": face["detector_frames"],
+            "side_px": face["side_px"]["median"]}
+
+
 def process_unit(out_dir: Path, info: DatasetInfo, unit: WorkUnit, settings: PreprocessSettings,
                  detector: FaceDetector) -> dict:
     """Process every clip of a unit, write its shard and then its status file; returns the status.
@@ -140,7 +148,8 @@ def process_unit(out_dir: Path, info: DatasetInfo, unit: WorkUnit, settings: Pre
         key = sample_key(clip.clip_id)
         try:
             samples.append(process_clip(info, clip, key, settings, detector, timings))
-            rows.append({"clip_id": clip.clip_id, "status": "ok", "file": clip.video, "detail": "", "key": key})
+            rows.append({"clip_id": clip.clip_id, "status": "ok", "file": clip.video, "detail": "", "key": key,
+                         "face": _face_row(samples[-1])})
         except MediaError as err:
             rows.append(_failure_row(info, clip, err.reason, err.path, err.detail))
         except Exception as err:  # noqa: BLE001 - an unexpected bug in one clip must not stop the unit

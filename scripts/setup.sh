@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything this project needs on a Debian machine with Python 3.11, idempotently:
 # system packages (espeak-ng for the demo dataset), a virtual environment in .venv with PyTorch (CPU build
-# unless an NVIDIA GPU is present) and the project with its test tools, and the face-detector model file.
+# unless an NVIDIA GPU is present) and the project with its test tools, and the two face-detector model files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

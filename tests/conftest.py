@@ -19,7 +19,7 @@ import psutil
 import pytest
 from mlflow_server import MlflowServer, running_mlflow_server
 
-from preprocessing.face_model import ensure_face_model
+from preprocessing.face_model import ensure_face_models
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
@@ -56,12 +56,13 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
 
 
 @pytest.fixture(scope="session")
-def face_model() -> str:
-    """Path of the face-detector model (fetched once by scripts/setup.sh); skips where it is not available."""
+def face_models() -> dict[str, str]:
+    """Paths of the face-detector models by name (fetched once by scripts/setup.sh); skips where they are not
+    available."""
     try:
-        return str(ensure_face_model())
+        return {name: str(path) for name, path in ensure_face_models().items()}
     except RuntimeError as err:
-        pytest.skip(f"face model not available: {err}")
+        pytest.skip(f"face models not available: {err}")
 
 
 @pytest.fixture

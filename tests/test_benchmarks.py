@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -144,3 +145,13 @@ def test_autocast_precision_is_checked():
     with pytest.raises(ValueError, match="precision"):
         autocast(torch.device("cpu"), "fp16")
 
+
+
+def test_small_faces_benchmark_finds_the_distant_face(tmp_path):
+    """benchmarks/small_faces.py on one face size: full range on tiles finds it, short range alone does not."""
+    command = [sys.executable, str(BENCHMARKS / "small_faces.py"), "--sizes", "28", "--short-sides", "480",
+               "--seconds", "0.5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split(" | ")[2]: line.split(" | ") for line in done.stdout.splitlines() if line.startswith("28 |")}
+    assert float(rows["short_then_full_range"][3]) >= 0.9 and float(rows["short_range"][3]) == 0.0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing.datasets import DatasetLayoutError, build_manifest
+from preprocessing.datasets import DatasetLayoutError, build_manifest, iemocap
 
 
 def touch(path: Path, text: str = "") -> Path:
@@ -72,6 +72,11 @@ def test_iemocap_time_spans_speakers_and_merged_classes(tmp_path: Path) -> None:
     assert (excited.start, excited.end, excited.speaker, excited.fold) == (10.01, 11.3925, "Ses03M", 3)
     assert excited.video == "Session3/dialog/avi/DivX/Ses03F_impro01.avi"
     assert info.classes[by_id["Ses05F_impro01_M001"].label] == "angry"
+    # Ses0kF dialogues: the female actor wears the markers and sits on the left, the male actor on the right.
+    assert by_id["Ses03F_impro01_F000"].face_region == (0.0, 0.0, 0.5, 1.0)
+    assert excited.face_region == (0.5, 0.0, 1.0, 1.0)
+    assert iemocap.speaker_region("Ses02M_script01_1", "Ses02M_script01_1_M010") == (0.0, 0.0, 0.5, 1.0)
+    assert iemocap.speaker_region("Ses02M_script01_1", "Ses02M_script01_1_F011") == (0.5, 0.0, 1.0, 1.0)
 
 
 def test_iemocap_missing_dialogue_video_is_an_error(tmp_path: Path) -> None:

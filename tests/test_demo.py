@@ -72,12 +72,12 @@ def test_adapter_reads_the_demo_with_speaker_disjoint_folds(demo_root: Path) -> 
     assert all((demo_root / c.video).is_file() for c in clips)
 
 
-def test_faces_are_found_by_the_face_detector(demo_root: Path, face_model: str) -> None:
+def test_faces_are_found_by_the_face_detector(demo_root: Path, face_models: dict) -> None:
     vision = pytest.importorskip("mediapipe.tasks.python.vision")
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions
 
-    options = vision.FaceDetectorOptions(base_options=BaseOptions(model_asset_path=face_model),
+    options = vision.FaceDetectorOptions(base_options=BaseOptions(model_asset_path=face_models["short_range"]),
                                          min_detection_confidence=0.5)
     detector = vision.FaceDetector.create_from_options(options)
     try:

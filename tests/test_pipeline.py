@@ -94,4 +94,4 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server
     assert any(f["path"].endswith("confusion_fold1_best.png") for f in artifacts["files"])
     report = mlflow_server.get("artifacts/list", run_id=by_name["report"]["info"]["run_id"], path="plots/demo")
     assert {f["path"] for f in report["files"]} == {f"plots/demo/{n}.png"
-                                                     for n in ("confusion", "embeddings", "curves")}
+                                                     for n in ("confusion", "embeddings", "curves", "faces")}

@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from media import speech_wav, write_clip
+from media import Portrait, scene, speech_wav, write_clip
 from PIL import Image
 
 from model import HiCMAEClassifier, get_config
 from pipeline.data import collate
 from pipeline.examples import finetune_eval_examples
 from pipeline.export import CARD_FILE, README_FILE, WEIGHTS_FILE, export_checkpoint, export_model, load_exported
-from pipeline.predict import load_model, names_option, predict
+from pipeline.predict import BOX_COLOURS, load_model, names_option, predict
 from pipeline.settings import WindowSettings
 from preprocessing.clip import process_clip
 from preprocessing.datasets import demo
 from preprocessing.decode import MediaError
-from preprocessing.face import FaceDetector
+from preprocessing.face_detect import FaceDetector
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample
@@ -47,11 +47,11 @@ def demo_clips(tmp_path_factory) -> tuple[DatasetInfo, list[ClipRecord]]:
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(demo_clips, face_model, tmp_path_factory):
+def fine_tuned(demo_clips, face_models, tmp_path_factory):
     """The clips preprocessed as the preprocess stage does, a tiny model fine-tuned for two steps on a window of
     each, and that model exported: (model, shard samples, export folder)."""
     info, clips = demo_clips
-    with FaceDetector(face_model) as detector:
+    with FaceDetector(face_models) as detector:
         samples = [decode_sample(process_clip(info, clip, clip.clip_id, PreprocessSettings(), detector, {}))
                    for clip in clips]
     batch = collate([x for s in samples for x in finetune_eval_examples(s, 0, window=WindowSettings(), views=1)])
@@ -106,6 +106,26 @@ def test_face_track_covers_every_frame_inside_the_image(prediction):
         assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
         assert 0.2 * width < w < width and 0.2 * height < h < height  # the demo face fills about half the frame
         assert row["detected"] == (row["score"] is not None)
+        assert row["detector"] == ("short_range" if row["detected"] else None)
+    assert face["detector_frames"] == {"short_range": face["detected"], "full_range_tiles": 0}
+
+
+def test_preview_marks_the_detector_of_each_frame(fine_tuned, tmp_path):
+    """A distant face (28 px in a 1280x720 frame) is found by full range on tiles: its box is drawn blue, and the
+    preview names the detector."""
+    speech = speech_wav(tmp_path / "speech.wav", "Look over there")
+    video = write_clip(tmp_path / "distant.mp4", seconds=1.0, size=(1280, 720), speech=speech,
+                       frames=scene([Portrait("astronaut", 28, 0.4, 0.5)]))
+    result = predict(video, fine_tuned[2], preview=tmp_path / "preview.mp4")
+    detectors = {row["detector"] for row in result["face"]["track"]}
+    assert detectors <= {"full_range_tiles", None} and result["face"]["detector_frames"]["full_range_tiles"] > 20
+    t = next(t for t, row in enumerate(result["face"]["track"]) if row["detected"])
+    with av.open(str(tmp_path / "preview.mp4")) as container:
+        frame = list(container.decode(video=0))[t].to_ndarray(format="rgb24").astype(int)
+    x, y, w, h = (round(v * 854 / 1280) for v in result["face"]["track"][t]["box"])  # preview: decoded 854x480
+    edge = frame[y, x + w // 4:x + 3 * w // 4]  # the box's top edge
+    blue = np.array(BOX_COLOURS["full_range_tiles"])
+    assert np.abs(edge - blue).sum(axis=1).min() < 60
 
 
 def test_windows_see_what_fine_tuning_evaluation_sees(prediction, fine_tuned):

@@ -9,8 +9,7 @@ from media import speech_wav, write_clip
 
 from preprocessing.clip import process_clip
 from preprocessing.decode import MediaError, _nearest_frames, decode_audio, decode_video
-from preprocessing.face import FaceDetector, detect_frames
-from preprocessing.face_model import ensure_face_model
+from preprocessing.face_detect import FaceDetector, detect_frames
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shard_index import read_index, read_samples, write_shard
@@ -19,7 +18,7 @@ from preprocessing.shards import decode_sample
 
 @pytest.fixture(scope="module")
 def detector():
-    with FaceDetector(str(ensure_face_model())) as face_detector:
+    with FaceDetector.from_settings(PreprocessSettings()) as face_detector:
         yield face_detector
 
 
@@ -107,9 +106,9 @@ def test_detect_frames_examines_every_nth_and_the_last_frame():
         def __init__(self):
             self.seen = []
 
-        def detect(self, frame):
+        def detect(self, frame, **_):
             self.seen.append(int(frame[0, 0, 0]))
-            return np.zeros((1, 11), np.float32)
+            return np.zeros((1, 12), np.float32)
 
     frames = np.arange(8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
     recorder = Recorder()

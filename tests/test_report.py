@@ -2,7 +2,8 @@
 
 A tiny real model evaluates tiny test folds with ``test_files`` (the predictions, metrics and embeddings a fold
 writes); histories go through ``history.history_csv`` and summaries through ``aggregate_folds``, as in the
-stages. Then ``stage_report`` runs against a real ``mlflow server`` and ``dvc plots show`` renders the result.
+stages; crema-d's processed data is real: clips of a real face photo with speech, preprocessed. Then
+``stage_report`` runs against a real ``mlflow server`` and ``dvc plots show`` renders the result.
 """
 
 import csv
@@ -18,6 +19,7 @@ import pytest
 import torch
 import yaml
 from matplotlib.image import imread
+from media import speech_wav, write_clip
 
 import model
 from pipeline import evaluation, folds, layout, report
@@ -28,12 +30,15 @@ from pipeline.metrics import aggregate_folds
 from pipeline.plots import embedding_maps_figure
 from pipeline.settings import Params
 from preprocessing.fileio import write_json
-from preprocessing.manifest import DatasetInfo
+from preprocessing.manifest import ClipRecord, DatasetInfo, write_manifest
+from preprocessing.run import preprocess
+from preprocessing.settings import PreprocessSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_INPUTS = dict(img_size=32, num_frames=4, audio_frames=32, audio_mel_bins=32)  # the shapes of eval_batches
 FOLDS = (1, 2)
 CLIPS_PER_FOLD, VIEWS, BATCH = 6, 2, 4
+PROCESSED_CLIPS = 10  # preprocessed crema-d clips: more than a contact sheet shows
 DATASETS = {
     "crema-d": DatasetInfo(name="crema-d", task="classification", root="/data/CREMA-D",
                            classes=["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"], num_folds=5),
@@ -93,10 +98,22 @@ def write_dataset_results(runs: Path, info: DatasetInfo) -> dict:
     return summary
 
 
+def preprocess_clips(media: Path, processed: Path) -> dict:
+    """PROCESSED_CLIPS short clips of the astronaut photo with speech, preprocessed; returns the summary."""
+    speech = speech_wav(media / "speech.wav", "It is eleven o'clock")
+    clips = [ClipRecord(clip_id=f"clip{i:02d}", video=write_clip(media / f"clip{i:02d}.mp4", seconds=0.5,
+                                                                 size=(192, 144), speech=speech).name)
+             for i in range(PROCESSED_CLIPS)]
+    manifest = write_manifest(media / "manifest.jsonl", DatasetInfo(name="crema-d", task="unlabelled",
+                                                                    root=str(media)), clips)
+    return preprocess(manifest, processed, PreprocessSettings(use_ray=False, progress=False))
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("report-work")
     summaries = {name: write_dataset_results(root / "runs", info) for name, info in DATASETS.items()}
+    preprocess_clips(tmp_path_factory.mktemp("crema-d-media"), root / "data" / "crema-d" / "processed")
     pretrain = [{"train/loss": 1 / (e + 1), "train/loss_video": 0.6 / (e + 1), "train/loss_audio": 0.4 / (e + 1),
                  "train/loss_contrastive": 0.01, "epoch": e, "lr": 1e-3, "samples_per_s": 5.0} for e in range(3)]
     (root / "runs" / "pretrain").mkdir(parents=True)
@@ -188,7 +205,7 @@ def test_results_tables_hold_ours_the_paper_and_avf_mae(reported):
 def test_every_plot_exists_and_decodes(reported):
     root, _, markdown = reported
     plots = root / "reports" / "plots"
-    expected = {"crema-d/confusion.png", "crema-d/embeddings.png", "crema-d/curves.png",
+    expected = {"crema-d/confusion.png", "crema-d/embeddings.png", "crema-d/curves.png", "crema-d/faces.png",
                 "werewolf-xl/embeddings.png", "werewolf-xl/curves.png", "pretrain/curves.png"}
     assert {p.relative_to(plots).as_posix() for p in plots.rglob("*.png")} == expected
     for name in expected:
@@ -215,7 +232,8 @@ def test_report_run_in_mlflow_has_the_artifacts(reported, mlflow_server):
         return {f["path"] for f in mlflow_server.get("artifacts/list", run_id=run_id, path=path).get("files", [])}
 
     assert {"results.md", "results.json", "results.csv", "plots", "curves"} <= listed()
-    assert listed("plots/crema-d") == {f"plots/crema-d/{n}.png" for n in ("confusion", "embeddings", "curves")}
+    assert listed("plots/crema-d") == {f"plots/crema-d/{n}.png"
+                                       for n in ("confusion", "embeddings", "curves", "faces")}
     assert listed("plots/werewolf-xl") == {"plots/werewolf-xl/embeddings.png", "plots/werewolf-xl/curves.png"}
     assert "curves/pretrain.csv" in listed("curves")
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -236,12 +254,29 @@ def test_dvc_plots_show_renders_the_declared_plots(reported, tmp_path):
     rendered = json.loads(shown.stdout)["data"]  # plot id -> [{"type": "image" | "vega", ...}]
     kinds = {name: entries[0]["type"] for name, entries in rendered.items()}
     pngs = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "reports" / "plots").rglob("*.png")}
-    assert len(pngs) == 6 and all(kinds[name] == "image" for name in pngs)
+    assert len(pngs) == 7 and all(kinds[name] == "image" for name in pngs)
     fold_curve = "reports/curves/finetune/werewolf-xl/fold-1.csv"
     assert kinds[fold_curve] == kinds["reports/curves/pretrain.csv"] == "vega"
     values = rendered[fold_curve][0]["content"]["data"]["values"]
     assert {row["field"] for row in values} == {"train/loss", "val/score"}
     assert "could not find provided field" not in shown.stderr
+
+
+def test_face_statistics_and_contact_sheet_of_the_preprocessed_clips(reported, tmp_path):
+    root, _, markdown = reported
+    processed = root / "data" / "crema-d" / "processed"
+    face = json.loads((processed / "summary.json").read_text())["face"]
+    assert face["clips"] == PROCESSED_CLIPS and face["detected"] == 1.0 and face["detectors"]["short_range"] == 1.0
+    assert f"| crema-d | {PROCESSED_CLIPS} | {face['frames']} | 100.0 % | 0.0 % | 100.0 % | 0.0 % |" in markdown
+    assert "| werewolf-xl |" not in markdown.split("## Face detection")[1].split("##")[0]  # not preprocessed here
+
+    sheet = imread(root / "reports" / "plots" / "crema-d" / "faces.png")[..., :3]
+    rows_with_crops = (sheet.std(axis=(1, 2)) > 0.1).reshape(-1)
+    assert sheet.shape[0] == round(100 * (0.4 + 1.25 * report.FACE_SHEET_CLIPS)) and rows_with_crops.any()
+    again = report.face_sheet("crema-d", processed, tmp_path / "same")
+    other = report.face_sheet("crema-d", processed, tmp_path / "other", seed=1)
+    assert again.read_bytes() == (root / "reports" / "plots" / "crema-d" / "faces.png").read_bytes()
+    assert other.read_bytes() != again.read_bytes()  # another draw of 8 of the 10 clips
 
 
 def test_missing_results_name_the_file_and_the_stage(tmp_path):

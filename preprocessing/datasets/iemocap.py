@@ -16,10 +16,19 @@ Assumptions (the reference shipped no IEMOCAP split files; this is the common pr
 - Classes angry (ang), happy (hap and exc merged), neutral (neu), sad (sad); every other label (fru,
   sur, fea, dis, oth, xxx) is left out (5,531 utterances in the full release).
 - A clip is the utterance's time span [start, end] of the dialogue ``.avi`` (video and its audio); the
-  ``sentences/wav`` cuts are not used. The dialogue video shows both actors: which face is the speaker's
-  is decided by preprocessing, not here.
+  ``sentences/wav`` cuts are not used.
 - The speaking actor is the utterance id's last field's first letter (``F000`` -> female): speaker
   ``Ses01F``; fold k = session k (5 folds, speaker-disjoint).
+- The dialogue video shows both actors side by side; each clip gets a face region hint, the half of the frame
+  where its speaker sits. The release's README.txt documents which actor wore the motion-capture markers: the
+  dialogue name's sixth character (``Ses01F_impro01``: the female actor). Which side of the frame that actor is
+  on is documented by no source we found from the dataset's owners (README.txt, the 2008 paper's abstract and
+  the website's summary say nothing of it). The rule used, the actor wearing markers on the left and the other
+  on the right, is the convention of public IEMOCAP preprocessing code (IoannisKansizoglou/Iemocap-preprocess,
+  ``extractionmapCreator.py``, ``find_speaker``: "Female speaker is on the left side" when the dialogue name
+  says F, on the right otherwise); CMU's MultimodalSDK likewise ships IEMOCAP face features per side
+  (``IEMOCAP_OpenFace_Leftside`` / ``_Rightside``). Check it on the report's contact sheet (the crops must show
+  the speaker named by each clip id); ``MARKER_ACTOR_SIDE`` flips it.
 - An utterance whose dialogue video is missing is a layout error.
 """
 
@@ -35,6 +44,8 @@ NAME = "iemocap"
 CLASSES = ["angry", "happy", "neutral", "sad"]
 CODE_TO_CLASS = {"ang": "angry", "hap": "happy", "exc": "happy", "neu": "neutral", "sad": "sad"}
 NUM_FOLDS = 5
+MARKER_ACTOR_SIDE = "left"  # where the actor wearing markers (the dialogue name's sixth character) sits
+HALVES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
 SUMMARY_LINE = re.compile(r"^\[(?P<start>\d+(?:\.\d+)?) - (?P<end>\d+(?:\.\d+)?)\]\s+"
                           r"(?P<utterance>Ses0[1-5][FM]_\S+_(?P<speaker>[FM])\d+)\s+(?P<code>\w+)\s+\[")
 
@@ -43,6 +54,13 @@ def read_evaluation(path: Path) -> list[re.Match]:
     """The utterance summary lines of one EmoEvaluation file."""
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     return [match for line in lines if (match := SUMMARY_LINE.match(line.strip()))]
+
+
+def speaker_region(dialogue: str, utterance: str) -> tuple[float, float, float, float]:
+    """The half of the dialogue video where the utterance's speaker sits (see the module docstring)."""
+    marker_actor, speaker = dialogue[5], utterance.rsplit("_", 1)[1][0]
+    other = "right" if MARKER_ACTOR_SIDE == "left" else "left"
+    return HALVES[MARKER_ACTOR_SIDE if speaker == marker_actor else other]
 
 
 def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
@@ -60,7 +78,8 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
                 continue
             clips.extend(ClipRecord(clip_id=m["utterance"], video=video, start=float(m["start"]),
                                     end=float(m["end"]), label=CLASSES.index(CODE_TO_CLASS[m["code"]]),
-                                    speaker=f"{m['utterance'][:5]}{m['speaker']}", fold=fold)
+                                    speaker=f"{m['utterance'][:5]}{m['speaker']}", fold=fold,
+                                    face_region=speaker_region(label_file.stem, m["utterance"]))
                          for m in utterances)
     check.check_empty("dialogue videos missing for labelled utterances", missing)
     check.check_empty("no labelled utterances found in the EmoEvaluation files",

@@ -21,6 +21,11 @@ Assumptions (checked against the reference's published folds, 7,787 clips):
 - The third field (``F01``) is the speaking actor; its number is the session. Fold k = session k
   (test = actors F0k and M0k), 6 folds.
 - A labelled utterance of the four classes without its .avi or .wav is a layout error.
+- No face region hint is set: we found no documented rule for where the speaking actor is in a dyadic
+  session's videos (what we could read of the MSP lab's corpus page and of the paper's abstract does not say
+  whether an utterance's video shows one actor or both, nor on which side), and no public preprocessing code
+  that states one. Preprocessing therefore tracks the largest face; check the report's contact sheet, and add
+  a hint here once the layout is known.
 """
 
 from __future__ import annotations
