@@ -127,3 +127,19 @@ def fusion_encoder(cfg: HiCMAEConfig) -> FusionEncoder:
         video_dim=cfg.embed_dim, audio_dim=cfg.audio_embed_dim, depth=cfg.fusion_depth,
         num_heads=cfg.fusion_num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
         drop_path_rate=cfg.drop_path_rate)
+
+
+def video_decoder(cfg: HiCMAEConfig) -> Decoder:
+    """The video decoder of ``cfg``: predicts the masked tubelets' pixels (``video_patch_dim`` each)."""
+    return Decoder(
+        num_tokens=cfg.num_video_tokens, dim=cfg.decoder_embed_dim, depth=cfg.decoder_depth,
+        num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
+        out_dim=cfg.video_patch_dim, skip_connections=cfg.decoder_skip_connections)
+
+
+def audio_decoder(cfg: HiCMAEConfig) -> Decoder:
+    """The audio decoder of ``cfg``: predicts the masked log-mel patches (``audio_patch_dim`` each)."""
+    return Decoder(
+        num_tokens=cfg.num_audio_tokens, dim=cfg.audio_decoder_embed_dim, depth=cfg.audio_decoder_depth,
+        num_heads=cfg.audio_decoder_num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
+        out_dim=cfg.audio_patch_dim, skip_connections=cfg.decoder_skip_connections)

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HiCMAEConfig
-from .encoders import Decoder, ModalityEncoder, audio_encoder, fusion_encoder, video_encoder
+from .encoders import (
+    Decoder,
+    ModalityEncoder,
+    audio_decoder,
+    audio_encoder,
+    fusion_encoder,
+    video_decoder,
+    video_encoder,
+)
 from .layers import init_xavier
 from .masking import gather_tokens, mask_to_ids
 from .objectives import audio_target, contrastive_logits, symmetric_info_nce, video_target
@@ -43,16 +51,10 @@ class HiCMAEPretrain(nn.Module):
         self.mask_token_audio = nn.Parameter(torch.zeros(1, 1, cfg.audio_decoder_embed_dim))
         # Created in the reference's order, which is the state dict's order and the order of random init.
         self.encoder = video_encoder(cfg)
-        self.decoder = Decoder(
-            num_tokens=cfg.num_video_tokens, dim=cfg.decoder_embed_dim, depth=cfg.decoder_depth,
-            num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
-            out_dim=cfg.video_patch_dim, skip_connections=cfg.decoder_skip_connections)
+        self.decoder = video_decoder(cfg)
         self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
         self.encoder_audio = audio_encoder(cfg)
-        self.decoder_audio = Decoder(
-            num_tokens=cfg.num_audio_tokens, dim=cfg.audio_decoder_embed_dim, depth=cfg.audio_decoder_depth,
-            num_heads=cfg.audio_decoder_num_heads, mlp_ratio=cfg.mlp_ratio, norm_eps=cfg.norm_eps,
-            out_dim=cfg.audio_patch_dim, skip_connections=cfg.decoder_skip_connections)
+        self.decoder_audio = audio_decoder(cfg)
         self.encoder_to_decoder_audio = nn.Linear(cfg.audio_embed_dim, cfg.audio_decoder_embed_dim, bias=False)
         self.encoder_fusion = fusion_encoder(cfg)
         self._init_weights()

@@ -22,7 +22,7 @@ from matplotlib.image import imread
 from media import speech_wav, write_clip
 
 import model
-from pipeline import evaluation, folds, layout, report
+from pipeline import evaluation, face_report, folds, layout, report
 from pipeline.config import DatasetEntry
 from pipeline.evaluation import clip_outputs
 from pipeline.history import history_csv, read_history
@@ -272,9 +272,9 @@ def test_face_statistics_and_contact_sheet_of_the_preprocessed_clips(reported, t
 
     sheet = imread(root / "reports" / "plots" / "crema-d" / "faces.png")[..., :3]
     rows_with_crops = (sheet.std(axis=(1, 2)) > 0.1).reshape(-1)
-    assert sheet.shape[0] == round(100 * (0.4 + 1.25 * report.FACE_SHEET_CLIPS)) and rows_with_crops.any()
-    again = report.face_sheet("crema-d", processed, tmp_path / "same")
-    other = report.face_sheet("crema-d", processed, tmp_path / "other", seed=1)
+    assert sheet.shape[0] == round(100 * (0.4 + 1.25 * face_report.FACE_SHEET_CLIPS)) and rows_with_crops.any()
+    again = face_report.face_sheet("crema-d", processed, tmp_path / "same")
+    other = face_report.face_sheet("crema-d", processed, tmp_path / "other", seed=1)
     assert again.read_bytes() == (root / "reports" / "plots" / "crema-d" / "faces.png").read_bytes()
     assert other.read_bytes() != again.read_bytes()  # another draw of 8 of the 10 clips
 
