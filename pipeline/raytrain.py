@@ -86,12 +86,16 @@ def _call(driver: Callable[[object], None], item: object) -> None:
 
 
 def worker_context() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this Ray Train worker."""
+    """(rank, world size, device) of this Ray Train worker; a GPU worker's device is made the current one (NCCL's
+    object collectives, such as the evaluation's gather, use the current device)."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
-    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return context.get_world_rank(), context.get_world_size(), device
 
 
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
