@@ -1,10 +1,10 @@
 """A training example's video between the loader and the model.
 
 Loader workers hand over each window's frames as decoded, (T, H, W, 3) uint8 (16 x 160 x 160 x 3 = 1.2 MB, a
-quarter of the float32 video), with the clip's geometry drawn from the example's ``sample_rng`` (``video_fields``):
-the box to crop and resize back to the frame's size (pre-training's multi-scale crop, fine-tuning's random resized
-crop; the whole frame otherwise), a horizontal flip, and a box to fill with per-pixel N(0, 1) noise, with the seed
-of that noise (fine-tuning's random erasing).
+quarter of the float32 video), with the clip's ``Geometry`` drawn from the example's ``sample_rng``
+(``video_fields``): the box to crop and resize back to the frame's size (pre-training's multi-scale crop,
+fine-tuning's random resized crop; the whole frame otherwise), a horizontal flip, and a box to fill with per-pixel
+N(0, 1) noise, with the seed of that noise (fine-tuning's random erasing).
 
 ``video_to_model`` does the rest on the training device, batched: cast, ImageNet normalisation, crop and resize
 (bilinear, half-pixel centres, no antialiasing), flip, erasing -> (B, 3, T, H, W) float32, the model's input.
@@ -14,6 +14,8 @@ of that noise (fine-tuning's random erasing).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,22 +24,40 @@ from model.constants import IMAGENET_MEAN, IMAGENET_STD
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 
-VIDEO, CROP, FLIP, ERASE, NOISE_SEED = "video", "video_crop", "video_flip", "video_erase", "video_noise_seed"
-GEOMETRY = (CROP, FLIP, ERASE, NOISE_SEED)  # used up by ``video_to_model``
+VIDEO, GEOMETRY = "video", "video_geometry"
+
+
+class Geometry(NamedTuple):
+    """What the device does to one clip's normalised frames, in this order: resize ``crop`` back to the frame's
+    size, ``flip`` left-right, fill ``erase`` (height 0: nothing) with N(0, 1) noise drawn from ``noise_seed``."""
+
+    crop: Box
+    flip: bool
+    erase: Box
+    noise_seed: int
+
+    def row(self) -> np.ndarray:
+        """(10,) int64: how an example carries it (one small array a batch, not four)."""
+        return np.array([*self.crop, self.flip, *self.erase, self.noise_seed], dtype=np.int64)
+
+    @classmethod
+    def from_row(cls, row: list[int]) -> Geometry:
+        return cls(tuple(row[0:4]), bool(row[4]), tuple(row[5:9]), row[9])
+
+    def changes(self, height: int, width: int) -> bool:
+        """Whether it changes a frame of this size at all."""
+        return self.crop != (0, 0, height, width) or self.flip or self.erase[2] > 0
 
 
 def video_fields(frames: np.ndarray, *, crop: Box | None = None, flip: bool = False, erase: Box | None = None,
                  noise_seed: int = 0) -> dict:
-    """An example's video entries: the (T, H, W, 3) uint8 frames and their geometry. ``crop`` None keeps the whole
-    frame; ``erase`` None (or a box of height 0) erases nothing."""
+    """An example's video entries: the (T, H, W, 3) uint8 frames and their ``Geometry`` row. ``crop`` None keeps
+    the whole frame; ``erase`` None erases nothing."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     height, width = frames.shape[1:3]
-    return {VIDEO: np.ascontiguousarray(frames),
-            CROP: np.array(crop or (0, 0, height, width), dtype=np.int64),
-            FLIP: np.bool_(flip),
-            ERASE: np.array(erase or (0, 0, 0, 0), dtype=np.int64),
-            NOISE_SEED: np.int64(noise_seed)}
+    geometry = Geometry(crop or (0, 0, height, width), flip, erase or (0, 0, 0, 0), noise_seed)
+    return {VIDEO: np.ascontiguousarray(frames), GEOMETRY: geometry.row()}
 
 
 def normalize(video: torch.Tensor) -> torch.Tensor:
@@ -68,39 +88,37 @@ def erase(video: torch.Tensor, box: Box, seed: int) -> torch.Tensor:
     return video
 
 
-def clip_geometry(video: torch.Tensor, *, crop: Box, flip: bool, erase_box: Box, noise_seed: int) -> torch.Tensor:
+def apply_geometry(video: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """One normalised clip (C, T, H, W): resized crop, then flip, then erasing, the reference's order."""
-    video = resized_crop(video, crop)
-    if flip:
+    video = resized_crop(video, geometry.crop)
+    if geometry.flip:
         video = video.flip(-1)
-    if erase_box[2] > 0:
-        video = erase(video.contiguous(), erase_box, noise_seed)
+    if geometry.erase[2] > 0:
+        video = erase(video.contiguous(), geometry.erase, geometry.noise_seed)
     return video
 
 
 def video_to_model(batch: dict, device: torch.device | str) -> torch.Tensor:
     """A loader batch's video as the model takes it, on ``device``: ``video`` (B, T, H, W, 3) uint8 with its
-    geometry (host tensors, so reading them costs no device sync) -> (B, 3, T, H, W) float32."""
+    ``video_geometry`` (B, 10) (a host tensor, so reading it costs no device sync) -> (B, 3, T, H, W) float32."""
     video = normalize(batch[VIDEO].to(device, non_blocking=True))
-    geometry = zip(batch[CROP].tolist(), batch[FLIP].tolist(), batch[ERASE].tolist(), batch[NOISE_SEED].tolist(),
-                   strict=True)
-    for b, (crop, flip, erase_box, seed) in enumerate(geometry):
-        if crop[2:] != list(video.shape[-2:]) or flip or erase_box[2] > 0:
-            video[b] = clip_geometry(video[b], crop=tuple(crop), flip=flip, erase_box=tuple(erase_box),
-                                     noise_seed=seed)
+    for b, row in enumerate(batch[GEOMETRY].tolist()):
+        geometry = Geometry.from_row(row)
+        if geometry.changes(*video.shape[-2:]):
+            video[b] = apply_geometry(video[b], geometry)
     return video
 
 
 def device_batch(batch: dict, device: torch.device | str) -> dict:
     """A loader batch as a model step takes it: the video through ``video_to_model``, every other tensor moved to
-    ``device``, anything else (clip ids) as it is; the geometry entries are used up."""
+    ``device``, anything else (clip ids) as it is; the geometry is used up."""
     moved = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-             for key, value in batch.items() if key not in GEOMETRY}
+             for key, value in batch.items() if key != GEOMETRY}
     moved[VIDEO] = video_to_model(batch, device)
     return moved
 
 
 def example_video(fields: dict, device: torch.device | str = "cpu") -> torch.Tensor:
     """One example's video as the model takes it, (3, T, H, W) float32: ``video_to_model`` of a batch of one."""
-    batch = {key: torch.as_tensor(np.asarray(fields[key]))[None] for key in (VIDEO, *GEOMETRY)}
+    batch = {key: torch.as_tensor(np.asarray(fields[key]))[None] for key in (VIDEO, GEOMETRY)}
     return video_to_model(batch, device)[0]

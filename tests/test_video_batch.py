@@ -11,17 +11,7 @@ from model.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.augment import AugmentConfig, train_video_fields
 from pipeline.data import collate
 from pipeline.examples import PRETRAIN_SCALES, multi_scale_crop
-from pipeline.video_batch import (
-    CROP,
-    ERASE,
-    FLIP,
-    GEOMETRY,
-    NOISE_SEED,
-    VIDEO,
-    device_batch,
-    example_video,
-    video_fields,
-)
+from pipeline.video_batch import GEOMETRY, VIDEO, Geometry, device_batch, example_video, video_fields
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
@@ -97,10 +87,11 @@ def test_finetune_geometry_is_the_former_float_path_exactly():
     for seed in range(8):
         frames = textured_clip(rng, frames=4)
         fields = train_video_fields(frames, np.random.default_rng(seed), cfg)
-        top, left, h, w = fields[CROP].tolist()
+        geometry = Geometry.from_row(fields[GEOMETRY].tolist())
+        top, left, h, w = geometry.crop
         crop = normalised(frames)[:, :, top:top + h, left:left + w]
         expected = F.interpolate(crop, size=(160, 160), mode="bilinear", align_corners=False)
-        if fields[FLIP]:
+        if geometry.flip:
             expected, flips = expected.flip(-1), flips + 1
         assert torch.equal(example_video(fields), expected)
     assert 0 < flips < 8
@@ -127,19 +118,23 @@ def test_a_batch_equals_its_examples_one_by_one():
                 {**video_fields(textured_clip(rng, frames=2)), "label": 1}]
     examples += [{**train_video_fields(textured_clip(rng, frames=2), np.random.default_rng(s), cfg), "label": s}
                  for s in range(6)]
-    assert any(example[ERASE][2] > 0 for example in examples) and any(example[FLIP] for example in examples)
+    drawn = [Geometry.from_row(example[GEOMETRY].tolist()) for example in examples]
+    assert any(geometry.erase[2] > 0 for geometry in drawn) and any(geometry.flip for geometry in drawn)
     batch = collate(examples)
     assert batch[VIDEO].dtype == torch.uint8 and batch[VIDEO].shape == (8, 2, 160, 160, 3)
+    assert batch[GEOMETRY].shape == (8, 10)
     moved = device_batch(batch, "cpu")
-    assert set(moved) == {VIDEO, "label"} and not set(GEOMETRY) & set(moved)
+    assert set(moved) == {VIDEO, "label"}
     assert moved[VIDEO].shape == (8, 3, 2, 160, 160) and moved[VIDEO].is_contiguous()
     for example, video in zip(examples, moved[VIDEO], strict=True):
         assert torch.equal(video, example_video(example))
     assert torch.equal(moved["label"], torch.tensor([0, 1, 0, 1, 2, 3, 4, 5]))
 
 
-def test_video_fields_reject_float_frames():
+def test_video_fields_carry_the_geometry_in_one_row():
     with pytest.raises(ValueError, match="uint8"):
         video_fields(np.zeros((2, 8, 8, 3), dtype=np.float32))
-    assert video_fields(np.zeros((2, 8, 6, 3), dtype=np.uint8))[CROP].tolist() == [0, 0, 8, 6]
-    assert video_fields(np.zeros((2, 8, 6, 3), dtype=np.uint8))[NOISE_SEED] == 0
+    whole = Geometry.from_row(video_fields(np.zeros((2, 8, 6, 3), dtype=np.uint8))[GEOMETRY].tolist())
+    assert whole == Geometry((0, 0, 8, 6), False, (0, 0, 0, 0), 0) and not whole.changes(8, 6)
+    drawn = Geometry((1, 2, 3, 4), True, (5, 6, 7, 8), 2**63 - 1)
+    assert Geometry.from_row(drawn.row().tolist()) == drawn and drawn.changes(8, 6)
