@@ -17,7 +17,7 @@ cores do the rest, so ``--cores`` x that figure is what such a machine delivers 
 is timed on its own (ms per sample, on ``--device``; on a CPU it is CPU work of the training process).
 
 ``decode all`` is the former path (every frame of a clip decoded before its window is cut, as
-``decode_sample`` without ``lazy_frames`` does); ``decode window`` is the current one (only the 16 frames the
+``decode_sample`` without ``lazy`` does); ``decode window`` is the current one (only the 16 frames the
 window uses). Without ``--processed`` the shards are synthetic: a face photo drifting across the frame, JPEG q90
 like preprocessing writes, random log-mel, at 25 fps, ``--seconds`` long (VoxCeleb2 clips average ~8 s).
 """
