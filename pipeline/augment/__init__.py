@@ -3,6 +3,7 @@
 One concern per module:
 - ``config``: ``AugmentConfig``, every knob (the defaults are the reference's recipe), and RandAugment spec strings;
 - ``rand_augment``: the RandAugment op tables, drawing a clip's ops and applying them (equal to PIL's ops);
+- ``enhance``: PIL's colour, contrast, brightness and sharpness enhancers on whole clips, value for value;
 - ``transforms``: per-clip resize and RandAugment on uint8 frames in the loader, with the draws of the resized
   crop, flip and erasing that the training device applies after normalising (``train_video_fields``; the device
   half is ``pipeline.video_batch``), and the deterministic evaluation fields; ``train_video_transform`` and
