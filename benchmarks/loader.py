@@ -173,6 +173,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode", nargs="+", choices=DECODES, default=list(DECODES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of this process (1: as a Ray Train worker holding one CPU; workers: 1)")
     parser.add_argument("--cores", type=int, default=16, help="CPU cores of the GPU machine to project to")
     parser.add_argument("--step-rate", type=float, help="training samples/s to compare with (benchmarks/train_step)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -183,6 +185,7 @@ def run(processed: Path, args: argparse.Namespace) -> dict:
     shards = verified_shards(processed, "preprocess the dataset again")
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "cores": args.cores,
+              "threads": args.threads,
               "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
               "shards": len(shards), "rows": []}
     for kind in args.examples:
@@ -202,12 +205,17 @@ def run(processed: Path, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as folder:
-        processed = args.processed or build_shards(Path(folder), args.clips, args.seconds)
-        if not args.processed:
-            print(f"{args.clips} synthetic {args.seconds:g} s clips ({round(args.seconds * FPS)} frames each)",
-                  flush=True)
-        result = run(processed, args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            processed = args.processed or build_shards(Path(folder), args.clips, args.seconds)
+            if not args.processed:
+                print(f"{args.clips} synthetic {args.seconds:g} s clips ({round(args.seconds * FPS)} frames each)",
+                      flush=True)
+            result = run(processed, args)
+    finally:
+        torch.set_num_threads(threads)
     result["source"] = str(args.processed) if args.processed else f"synthetic {args.clips} x {args.seconds:g} s"
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
