@@ -1,18 +1,23 @@
-"""Training data throughput: samples/s from shards to decoded, augmented, batched tensors on the device.
+"""Training data throughput: samples per CPU second from shards to batched examples, and on to the device.
 
     .venv/bin/python benchmarks/loader.py                                  # synthetic 8 s clips, 0 1 2 workers
-    .venv/bin/python benchmarks/loader.py --workers 16 --step-rate 1500    # on a 16-core GPU machine
+    .venv/bin/python benchmarks/loader.py --workers 8 16 --step-rate 1500  # on a 16-core GPU machine
     .venv/bin/python benchmarks/loader.py --processed data/demo/processed  # real preprocessed shards
 
 The data path is the training loops' own (pipeline/data.py), with ``num_workers`` DataLoader workers and pinned
-memory on a GPU, then ``.to(device)``: pre-training streams the shards (``ClipStream``, the default shuffle
-buffer) into the pre-training example maker (random window, multi-scale crop, masks); fine-tuning reads the clips
-by index in the epoch's permutation (``ClipDataset``, ``GlobalBatchSampler``) into the fine-tuning one (window,
-RandAugment, random resized crop, flip, erasing). Each clip gives one example; every worker count reads all the
-clips.
+memory on a GPU, then ``video_batch.device_batch`` as the training loop calls it: pre-training streams the shards
+(``ClipStream``, the default shuffle buffer) into the pre-training example maker (random window, multi-scale crop
+box, masks); fine-tuning reads the clips by index in the epoch's permutation (``ClipDataset``,
+``GlobalBatchSampler``) into the fine-tuning one (window, RandAugment, the draws of resized crop, flip and
+erasing). Each clip gives one example; every worker count reads all the clips.
+
+The loader's figure is samples per CPU second of the main process and the workers without ``device_batch``, whose
+work (cast, normalisation, crop, resize, flip, erasing) runs on the training device: on a GPU machine the CPU
+cores do the rest, so ``--cores`` x that figure is what such a machine delivers (16 by default). ``device_batch``
+is timed on its own (ms per sample, on ``--device``; on a CPU it is CPU work of the training process).
 
 ``decode all`` is the former path (every frame of a clip decoded before its window is cut, as
-``decode_sample`` without ``lazy_frames`` does); ``decode window`` is the current one (only the 16 frames the
+``decode_sample`` without ``lazy`` does); ``decode window`` is the current one (only the 16 frames the
 window uses). Without ``--processed`` the shards are synthetic: a face photo drifting across the frame, JPEG q90
 like preprocessing writes, random log-mel, at 25 fps, ``--seconds`` long (VoxCeleb2 clips average ~8 s).
 """
@@ -47,6 +52,7 @@ from pipeline.data import (  # noqa: E402
 from pipeline.examples import finetune_train_examples, pretrain_examples  # noqa: E402
 from pipeline.sampling import GlobalBatchSampler  # noqa: E402
 from pipeline.settings import FinetuneSettings, PretrainSettings  # noqa: E402
+from pipeline.video_batch import device_batch  # noqa: E402
 from preprocessing.shard_index import ShardIndex, shard_file, write_shard  # noqa: E402
 from preprocessing.shards import META_FIELD, ClipSample, encode_sample  # noqa: E402
 
@@ -118,6 +124,12 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def own_cpu_seconds() -> float:
+    """CPU time of this process alone (all its threads)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
 def training_data(shards: list[ShardIndex], kind: str, decode: str, workers: int, batch: int):
     """One epoch's DataLoader of one rank, as the training stage builds it."""
     make = example_maker(kind, decode)
@@ -131,19 +143,24 @@ def training_data(shards: list[ShardIndex], kind: str, decode: str, workers: int
 
 
 def measure(shards: list[ShardIndex], kind: str, decode: str, workers: int, batch: int, device: torch.device) -> dict:
-    """Samples/s of one pass over the shards (worker start-up included), batches moved to ``device``; also
-    samples per CPU second (main process and workers), which a loaded machine disturbs far less."""
+    """One pass over the shards (worker start-up included), every batch through ``device_batch``: samples per CPU
+    second of the loader (main process and workers, ``device_batch`` excluded), samples/s (wall, everything) and
+    the milliseconds ``device_batch`` takes per sample (CPU time on a CPU device, wall time on a GPU)."""
     loader = training_data(shards, kind, decode, workers, batch)
-    samples, began, cpu_began = 0, time.perf_counter(), cpu_seconds()
+    samples, device_cpu, device_wall = 0, 0.0, 0.0
+    began, cpu_began = time.perf_counter(), cpu_seconds()
     for tensors in loader:  # the workers are joined when the pass ends
-        tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        wall, cpu = time.perf_counter(), own_cpu_seconds()
+        tensors = device_batch(tensors, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        device_wall, device_cpu = device_wall + time.perf_counter() - wall, device_cpu + own_cpu_seconds() - cpu
         samples += len(tensors["video"])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     seconds, cpu = time.perf_counter() - began, cpu_seconds() - cpu_began
+    device_ms = (device_cpu if device.type == "cpu" else device_wall) / samples * 1000
     return {"examples": kind, "decode": decode, "workers": workers, "batch": batch, "samples": samples,
-            "seconds": seconds, "samples_per_s": samples / seconds, "cpu_seconds": cpu,
-            "samples_per_cpu_s": samples / cpu}
+            "seconds": seconds, "samples_per_s": samples / seconds, "cpu_seconds": cpu - device_cpu,
+            "samples_per_cpu_s": samples / (cpu - device_cpu), "device_ms_per_sample": device_ms}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -156,6 +173,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode", nargs="+", choices=DECODES, default=list(DECODES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of this process (1: as a Ray Train worker holding one CPU; workers: 1)")
+    parser.add_argument("--cores", type=int, default=16, help="CPU cores of the GPU machine to project to")
     parser.add_argument("--step-rate", type=float, help="training samples/s to compare with (benchmarks/train_step)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
@@ -164,17 +184,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(processed: Path, args: argparse.Namespace) -> dict:
     shards = verified_shards(processed, "preprocess the dataset again")
     device = torch.device(args.device)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "cores": args.cores,
+              "threads": args.threads,
               "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
               "shards": len(shards), "rows": []}
     for kind in args.examples:
         for decode in args.decode:
             for workers in args.workers:
                 row = measure(shards, kind, decode, workers, args.batch, device)
+                row["projected_samples_per_s"] = row["samples_per_cpu_s"] * args.cores
                 if args.step_rate:
                     row["times_step_rate"] = row["samples_per_s"] / args.step_rate
                 print(f"  {kind:<8} decode {decode:<6} {workers:>2} workers: {row['samples_per_s']:8.1f} samples/s  "
-                      f"{row['samples_per_cpu_s']:6.1f} samples per CPU s"
+                      f"{row['samples_per_cpu_s']:6.1f} samples per CPU s (x {args.cores} cores: "
+                      f"{row['projected_samples_per_s']:6.0f}/s)  device {row['device_ms_per_sample']:.2f} ms/sample"
                       + (f"  = {row['times_step_rate']:.2f}x the step rate" if args.step_rate else ""), flush=True)
                 result["rows"].append(row)
     return result
@@ -182,12 +205,17 @@ def run(processed: Path, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as folder:
-        processed = args.processed or build_shards(Path(folder), args.clips, args.seconds)
-        if not args.processed:
-            print(f"{args.clips} synthetic {args.seconds:g} s clips ({round(args.seconds * FPS)} frames each)",
-                  flush=True)
-        result = run(processed, args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            processed = args.processed or build_shards(Path(folder), args.clips, args.seconds)
+            if not args.processed:
+                print(f"{args.clips} synthetic {args.seconds:g} s clips ({round(args.seconds * FPS)} frames each)",
+                      flush=True)
+            result = run(processed, args)
+    finally:
+        torch.set_num_threads(threads)
     result["source"] = str(args.processed) if args.processed else f"synthetic {args.clips} x {args.seconds:g} s"
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

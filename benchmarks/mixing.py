@@ -11,7 +11,8 @@ pre-training stage builds, and the figures are:
 - ``top class``: the mean share of a batch held by its most frequent label, next to uniform sampling's;
 - ``repeat pairs``: of the pairs of clips that share a batch in one epoch, the share that share one again in the
   next, as a multiple of uniform sampling's (1.0 = no memory of the last epoch's batches);
-- ``buffer MB``: what the buffer holds per loader worker at 8 s clips (VoxCeleb2's mean), from the measured
+- ``buffer MB``: the packed clips the buffer spans per loader worker at 8 s clips (VoxCeleb2's mean; views of the
+  memory-mapped shards, of which only the decoded windows' pages are read), from the measured
   bytes of a packed clip (JPEG q90 frames at 25 fps and a float16 log-mel at 100 frames/s).
 """
 

@@ -7,9 +7,12 @@
 
 The step is the training loops' own ``train_step`` (pipeline/pretrain.py, pipeline/finetune.py): forward
 with every loss, backward, AdamW from ``build_optimizer`` at the peak learning rate, under
-``training.autocast``. Inputs are synthetic batches with the reference's shapes (16 x 160 x 160 video, 256 x 128
-log-mel), masks (tube 0.9, random 0.8) and fine-tuning recipe (Mixup/CutMix, label smoothing, drop path 0.1,
-layer decay), made once and kept on the device, so the figures exclude the data loader (benchmarks/loader.py).
+``training.autocast``. Inputs are synthetic batches as the loader delivers them, with the reference's shapes
+(16 x 160 x 160 uint8 video with its crop, flip and erasing; 256 x 128 log-mel), masks (tube 0.9, random 0.8) and
+fine-tuning recipe (Mixup/CutMix, label smoothing, drop path 0.1, layer decay), made once in host memory (pinned
+on a GPU). Each timed step moves one to the device as the training loop does (``video_batch.device_batch``: the
+video is cast, normalised, cropped and augmented there), so the figures include that and exclude the data
+loader (benchmarks/loader.py).
 
 samples/s is batch / median step time over ``--steps`` steps after ``--warmup`` steps, timed with CUDA events on
 a GPU (perf_counter on a CPU). FLOPs per sample are counted by ``torch.utils.flop_counter.FlopCounterMode``
@@ -42,8 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import HiCMAEClassifier, HiCMAEConfig, HiCMAEPretrain, random_mask, tube_mask  # noqa: E402
 from pipeline import finetune, pretrain  # noqa: E402
+from pipeline.augment import AugmentConfig, train_video_fields  # noqa: E402
+from pipeline.data import collate  # noqa: E402
+from pipeline.examples import multi_scale_crop  # noqa: E402
 from pipeline.optim import build_optimizer, scaled_lrs, set_lr  # noqa: E402
 from pipeline.settings import FinetuneSettings, ModelSettings, PretrainSettings  # noqa: E402
+from pipeline.video_batch import device_batch, video_fields  # noqa: E402
 from preprocessing.manifest import DatasetInfo  # noqa: E402
 
 STAGES = ("pretrain", "finetune")
@@ -77,22 +84,36 @@ def build_model(stage: str, cfg: HiCMAEConfig) -> torch.nn.Module:
     return HiCMAEPretrain(cfg) if stage == "pretrain" else HiCMAEClassifier(cfg, NUM_CLASSES)
 
 
-def synthetic_batch(stage: str, cfg: HiCMAEConfig, batch: int, generator: torch.Generator,
-                    device: torch.device) -> dict[str, torch.Tensor]:
-    """Random normalised video (B, 3, T, S, S) and log-mel (B, 1, F, M), plus masks or labels, on ``device``."""
-    tensors = {"video": torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, generator=generator),
-               "audio": torch.randn(batch, 1, cfg.audio_frames, cfg.audio_mel_bins, generator=generator)}
-    if stage == "pretrain":
-        tensors["mask_video"] = tube_mask(batch, cfg.video_grid, cfg.mask_ratio, generator)
-        tensors["mask_audio"] = random_mask(batch, cfg.num_audio_tokens, cfg.audio_mask_ratio, generator)
-    else:
-        tensors["label"] = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
-    return {k: v.to(device) for k, v in tensors.items()}
+def loader_batch(stage: str, cfg: HiCMAEConfig, batch: int, rng: np.random.Generator) -> dict:
+    """A batch as the loader delivers it (``pipeline.examples``), in host memory: random uint8 frames (B, T, S, S, 3)
+    with the stage's geometry drawn as the loader draws it (pre-training's multi-scale crop; fine-tuning's resized
+    crop, flip and erasing), random log-mel (B, 1, F, M), and masks or labels."""
+    geometry_only = AugmentConfig(rand_augment=False, input_size=cfg.img_size)  # RandAugment: in the loader
+    examples = []
+    for _ in range(batch):
+        frames = rng.integers(0, 256, (cfg.num_frames, cfg.img_size, cfg.img_size, 3), dtype=np.uint8)
+        example = {"audio": rng.standard_normal((1, cfg.audio_frames, cfg.audio_mel_bins), dtype=np.float32)}
+        if stage == "pretrain":
+            example |= video_fields(frames, crop=multi_scale_crop(cfg.img_size, cfg.img_size, rng))
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            example["mask_video"] = tube_mask(1, cfg.video_grid, cfg.mask_ratio, generator)[0]
+            example["mask_audio"] = random_mask(1, cfg.num_audio_tokens, cfg.audio_mask_ratio, generator)[0]
+        else:
+            example |= train_video_fields(frames, rng, geometry_only)
+            example["label"] = int(rng.integers(NUM_CLASSES))
+        examples.append(example)
+    return collate(examples)
+
+
+def pinned(batch: dict, device: torch.device) -> dict:
+    """The batch in pinned host memory for a GPU (as the DataLoader pins it), else as it is."""
+    return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
 
 
 @dataclass
 class Step:
-    """One configured training step: ``run(batch)`` trains on a device batch and returns the detached losses."""
+    """One configured training step: ``run(batch)`` moves a loader batch to the device, trains on it and returns
+    the detached losses."""
 
     model: torch.nn.Module
     run: Callable[[dict], torch.Tensor]
@@ -107,12 +128,12 @@ def make_step(stage: str, settings, cfg: HiCMAEConfig, batch: int, device: torch
     set_lr(optimizer, scaled_lrs(settings.optim, batch)[0])
     net = torch.compile(model, mode=compile_mode) if compile_mode else model
     if stage == "pretrain":
-        run = partial(pretrain.train_step, net, optimizer=optimizer, clip_grad=settings.optim.clip_grad,
-                      precision=precision)
+        train = partial(pretrain.train_step, net, optimizer=optimizer, clip_grad=settings.optim.clip_grad,
+                        precision=precision)
     else:
-        run = partial(finetune.train_step, net, optimizer=optimizer, info=INFO, settings=settings,
-                      rng=np.random.default_rng(seed), precision=precision)
-    return Step(model, run)
+        train = partial(finetune.train_step, net, optimizer=optimizer, info=INFO, settings=settings,
+                        rng=np.random.default_rng(seed), precision=precision)
+    return Step(model, lambda batch: train(device_batch(batch, device)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,9 +142,10 @@ def make_step(stage: str, settings, cfg: HiCMAEConfig, batch: int, device: torch
 
 def counted_flops(stage: str, settings, cfg: HiCMAEConfig, batch: int) -> int:
     """FLOPs of one forward + backward (the training step without the optimizer) counted on the meta device."""
+    ready = device_batch(loader_batch(stage, cfg, batch, np.random.default_rng(0)), "cpu")
+    tensors = {key: value.to("meta") for key, value in ready.items()}
     with torch.device("meta"):
         model = build_model(stage, cfg)
-        tensors = synthetic_batch(stage, cfg, batch, None, torch.device("meta"))
     # a zero-lr SGD stands in for AdamW (optimizers do elementwise work only, which is not counted)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, foreach=False)
     counter = FlopCounterMode(display=False)
@@ -288,8 +310,8 @@ def measure(stage: str, size: str, overrides: dict, batch: int, opts: Options, p
     settings = stage_settings(stage, size, overrides)
     cfg = model_config(settings)
     release(opts.device)
-    generator = torch.Generator().manual_seed(opts.seed)
-    batches = [synthetic_batch(stage, cfg, batch, generator, opts.device) for _ in range(2)]
+    rng = np.random.default_rng(opts.seed)
+    batches = [pinned(loader_batch(stage, cfg, batch, rng), opts.device) for _ in range(2)]
     step = make_step(stage, settings, cfg, batch, opts.device, opts.precision, opts.fused_adamw,
                      opts.compile_mode, opts.seed)
     try:
@@ -349,12 +371,12 @@ def loss_curve(stage: str, size: str, overrides: dict, batch: int, steps: int, p
     """Training losses of ``steps`` steps from a fixed seed, init and data, in ``precision``."""
     settings = stage_settings(stage, size, overrides)
     cfg = model_config(settings)
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     step = make_step(stage, settings, cfg, batch, device, precision, None, None, seed)
     torch.manual_seed(seed)  # drop path draws the same way in both runs
     losses = []
     for _ in range(steps):
-        loss = step.run(synthetic_batch(stage, cfg, batch, generator, device))
+        loss = step.run(loader_batch(stage, cfg, batch, rng))
         losses.append(float(loss.reshape(-1)[0]))
     return losses
 

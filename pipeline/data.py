@@ -1,10 +1,10 @@
 """Training data: which clips each Ray Train worker reads from the shards, and how they are batched.
 
-Fine-tuning reads its fold's clips by index (``ClipDataset``: one seek per member, through the shard indexes):
+Fine-tuning reads its fold's clips by index (``ClipDataset``: the members' byte ranges in the shard indexes):
 only the split's clips are read, in the order of ``sampling.GlobalBatchSampler`` for training and of
 ``sampling.rank_share`` for evaluation. Pre-training streams whole shards (``ClipStream``): this epoch's shards
-of this rank and loader worker (``sampling.epoch_shards``), read sequentially with webdataset, their clips mixed
-through a buffer while still packed (JPEG bytes), then decoded into examples (``pipeline.examples``).
+of this rank and loader worker (``sampling.epoch_shards``), each read front to back through its index, their clips
+mixed through a buffer while still packed (JPEG bytes), then decoded into examples (``pipeline.examples``).
 
 Shards are checked against their indexes (size and sha256) before training starts (``verified_shards``): a
 damaged shard stops the stage at once with one line naming it, rather than failing inside every retried worker.
@@ -13,13 +13,14 @@ damaged shard stops the stage at once with one line naming it, rather than faili
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from preprocessing.shard_index import DamagedShard, ShardIndex, check_shard, list_shards, read_index, read_member_bytes
+from preprocessing.shard_index import DamagedShard, ShardIndex, check_shard, list_shards, read_index
 from preprocessing.shards import decode_sample
 
 from .sampling import GlobalBatchSampler, epoch_shards
@@ -55,14 +56,14 @@ def clip_catalog(indexes: Iterable[ShardIndex]) -> dict[str, tuple[str, dict]]:
 class ClipDataset(torch.utils.data.Dataset):
     """Clips read by index: item i is ``make_examples(clip, epoch)`` of ``entries[i]`` (shard path, index entry).
 
-    Each process opens the shards it needs once, lazily. Call ``set_epoch`` before making a loader's iterator.
+    Each process maps the shards it needs into memory once, lazily. Call ``set_epoch`` before making a loader's
+    iterator.
     """
 
     def __init__(self, entries: list[tuple[str, dict]], make_examples: Examples):
         self.entries, self.make_examples = entries, make_examples
         self.epoch = 0
-        self._handles: dict[str, object] = {}
-        self._pid = os.getpid()
+        self._shards: dict[str, memoryview] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -72,18 +73,13 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int) -> list[dict]:
         path, sample = self.entries[item]
-        raw = read_member_bytes(self._handle(path), sample)
-        return self.make_examples(decode_sample(raw, lazy_frames=True), self.epoch)
-
-    def _handle(self, path: str):
-        if self._pid != os.getpid():  # a forked loader worker: never share file offsets with the parent
-            self._handles, self._pid = {}, os.getpid()
-        if path not in self._handles:
-            self._handles[path] = open(path, "rb")  # noqa: SIM115 - kept open for the worker's life
-        return self._handles[path]
+        if path not in self._shards:
+            self._shards[path] = map_shard(path)
+        raw = sample_views(self._shards[path], sample, path)
+        return self.make_examples(decode_sample(raw, lazy=True), self.epoch)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": {}}
+        return {**self.__dict__, "_shards": {}}
 
 
 class ClipStream(torch.utils.data.IterableDataset):
@@ -105,24 +101,39 @@ class ClipStream(torch.utils.data.IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         part, parts = self.rank * workers + worker, self.world_size * workers
         paths, stride, offset = epoch_shards(self.paths, seed=self.seed, epoch=self.epoch, part=part, parts=parts)
-        clips = (raw for i, raw in enumerate(read_shards(paths)) if i % stride == offset)
+        clips = read_shards(paths, stride, offset)
         rng = np.random.default_rng([self.seed, self.epoch, part])
         for raw in shuffled(clips, self.shuffle_buffer, rng):
-            yield from self.make_examples(decode_sample(raw, lazy_frames=True), self.epoch)
+            yield from self.make_examples(decode_sample(raw, lazy=True), self.epoch)
 
 
-def _all_shards(urls):
-    """Keep every shard: ``sampling.epoch_shards`` has already chosen this part's."""
-    return urls
+def read_shards(paths: list[str], stride: int = 1, offset: int = 0) -> Iterator[dict]:
+    """The raw samples (field -> bytes-like) of ``paths`` in order, every ``stride``-th from ``offset`` counted over
+    all of them: each shard mapped into memory and cut at its index's offsets, so that only the bytes a caller
+    touches are read (a window's 16 JPEGs of a clip's 200) and other parts' clips not at all."""
+    position = 0
+    for path in paths:
+        index, shard = read_index(path), map_shard(path)
+        for sample in index.samples:
+            if position % stride == offset:
+                yield sample_views(shard, sample, path)
+            position += 1
 
 
-def read_shards(paths: list[str]) -> Iterator[dict]:
-    """The raw samples of ``paths`` in order (field -> bytes), streamed with webdataset."""
-    import webdataset as wds
+def map_shard(path: str) -> memoryview:
+    """A shard file mapped into memory, read-only: the pages a reader touches are read, and no others."""
+    with open(path, "rb") as handle:
+        return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
 
-    if paths:
-        yield from wds.WebDataset(paths, shardshuffle=False, nodesplitter=_all_shards, workersplitter=_all_shards,
-                                  empty_check=False)
+
+def sample_views(shard: memoryview, sample: dict, path: str) -> dict[str, memoryview]:
+    """One sample's fields as views into its mapped shard (no copy)."""
+    fields = {}
+    for field, (start, size) in sample["members"].items():
+        if start + size > len(shard):
+            raise DamagedShard(f"{path}: damaged: {sample['key']}.{field} is cut short")
+        fields[field] = shard[start:start + size]
+    return fields
 
 
 def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator) -> Iterator:
@@ -137,12 +148,9 @@ def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator) -> Ite
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack arrays into tensors; keep strings as lists."""
-    batch = {}
-    for key in examples[0]:
-        values = [example[key] for example in examples]
-        batch[key] = values if isinstance(values[0], str) else torch.as_tensor(np.stack(values))
-    return batch
+    """Stack arrays and numbers into tensors; keep strings as lists. torch's ``default_collate`` does this, and in a
+    loader worker it stacks straight into shared memory, saving a copy of every batch on its way to the trainer."""
+    return torch.utils.data.default_collate(examples)
 
 
 def collate_clips(clips: list[list[dict]]) -> dict:

@@ -19,6 +19,7 @@ from preprocessing.manifest import DatasetInfo
 from .layout import EMBEDDINGS_FILE, TEST_METRICS_FILE, predictions_file
 from .metrics import classification_metrics, regression_metrics
 from .training import autocast, unwrap
+from .video_batch import device_batch
 
 
 def model_inputs(net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -43,7 +44,7 @@ def clip_outputs(net: torch.nn.Module, loader, device: torch.device, task: str,
     counts: dict[str, int] = {}
     truth: dict[str, object] = {}
     for batch in loader:
-        tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        tensors = device_batch(batch, device)
         with autocast(device):
             features = model.forward_features(*model_inputs(net, tensors))
             out = model.head_output(features).float()

@@ -5,6 +5,10 @@ frames per second). A training window is ``num_frames`` frames taken every ``sam
 64 frames = 2.56 s at 25 fps) and the fbank frames of the same time span, padded or cut to 256 frames and
 normalised as the reference does. Pre-training windows carry their masks, drawn here in the loader.
 
+A window's video leaves the loader as uint8 frames of the model's side (the shards' crops are; others are resized
+with PIL first) with the geometry the training device applies to them (``pipeline.video_batch``): pre-training's
+multi-scale crop box, fine-tuning's resized crop, flip and erasing.
+
 Every random draw of an example comes from ``sample_rng(clip key, epoch, seed)``, so an example is the same
 whichever rank or loader worker makes it. ``pipeline.data`` decides which clips are read, and in which order.
 """
@@ -20,8 +24,10 @@ from model import HiCMAEConfig, random_mask, tube_mask
 from preprocessing.fbank import fbank_to_model_input
 from preprocessing.shards import ClipSample, fbank_window
 
-from .augment import AugmentConfig, eval_video_transform, train_video_transform
+from .augment import AugmentConfig, eval_video_fields, train_video_fields
+from .augment.transforms import resize_clip
 from .settings import WindowSettings
+from .video_batch import Box, video_fields
 
 PRETRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)
 
@@ -57,18 +63,15 @@ def random_start(num_clip_frames: int, window: WindowSettings, rng: np.random.Ge
     return int(rng.integers(0, max(num_clip_frames - window.span, 0) + 1))
 
 
-def pretrain_video_transform(frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-    """Multi-scale crop (scales 1/.875/.75/.66, aspect distortion at most one step) + resize, as the reference.
-
-    frames (T, H, W, 3) uint8 -> (3, T, H, W) ImageNet-normalised float32.
-    """
-    height, width = frames.shape[1:3]
+def multi_scale_crop(height: int, width: int, rng: np.random.Generator) -> Box:
+    """The reference's multi-scale crop (top, left, h, w): sides of scale 1/.875/.75/.66 of the frame's, the two
+    scales at most one step apart, at a uniform position. The device resizes it back to the frame's size."""
     i = rng.integers(len(PRETRAIN_SCALES))
     j = min(max(i + rng.integers(-1, 2), 0), len(PRETRAIN_SCALES) - 1)
     crop_h, crop_w = int(height * PRETRAIN_SCALES[i]), int(width * PRETRAIN_SCALES[j])
     top = int(rng.integers(0, height - crop_h + 1))
     left = int(rng.integers(0, width - crop_w + 1))
-    return eval_video_transform(frames[:, top:top + crop_h, left:left + crop_w])
+    return top, left, crop_h, crop_w
 
 
 def pretrain_examples(clip: ClipSample, epoch: int, *, window: WindowSettings, cfg: HiCMAEConfig,
@@ -77,8 +80,9 @@ def pretrain_examples(clip: ClipSample, epoch: int, *, window: WindowSettings, c
     rng = sample_rng(clip.key, epoch, seed)
     start = random_start(len(clip.frames), window, rng)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    frames = resize_clip(clip.frames[frame_indices(len(clip.frames), start, window)], cfg.img_size)  # (T, S, S, 3)
     return [{
-        "video": pretrain_video_transform(clip.frames[frame_indices(len(clip.frames), start, window)], rng).numpy(),
+        **video_fields(frames, crop=multi_scale_crop(cfg.img_size, cfg.img_size, rng)),
         "audio": audio_window(clip, start, window),
         "mask_video": tube_mask(1, cfg.video_grid, cfg.mask_ratio, generator)[0].numpy(),
         "mask_audio": random_mask(1, cfg.num_audio_tokens, cfg.audio_mask_ratio, generator)[0].numpy(),
@@ -97,7 +101,7 @@ def finetune_train_examples(clip: ClipSample, epoch: int, *, window: WindowSetti
     rng = sample_rng(clip.key, epoch, seed)
     start = random_start(len(clip.frames), window, rng)
     frames = clip.frames[frame_indices(len(clip.frames), start, window)]
-    return [{"video": train_video_transform(frames, rng, augment).numpy(), "audio": audio_window(clip, start, window),
+    return [{**train_video_fields(frames, rng, augment), "audio": audio_window(clip, start, window),
              **label_fields(clip.meta)}]
 
 
@@ -106,6 +110,6 @@ def finetune_eval_examples(clip: ClipSample, epoch: int, *, window: WindowSettin
     examples = []
     for view, start in enumerate(window_starts(len(clip.frames), window.span, views)):
         frames = clip.frames[frame_indices(len(clip.frames), start, window)]
-        examples.append({"video": eval_video_transform(frames).numpy(), "audio": audio_window(clip, start, window),
+        examples.append({**eval_video_fields(frames), "audio": audio_window(clip, start, window),
                          "clip_id": clip.meta["clip_id"], "view": view, **label_fields(clip.meta)})
     return examples

@@ -74,7 +74,7 @@ def face_sheet(dataset: str, processed: Path, out: Path, seed: int = FACE_SHEET_
         index = read_index(processed / row["shard"])
         [sample] = [sample for sample in index.samples if sample["key"] == row["key"]]
         with open(index.path, "rb") as handle:
-            clip = decode_sample(read_member_bytes(handle, sample), lazy_frames=True)
+            clip = decode_sample(read_member_bytes(handle, sample), lazy=True)
         strips.append(_strip(clip))
         labels.append(_sheet_label(clip.meta))
     figure = contact_sheet_figure(strips, labels, title=f"{dataset}: face crops of {len(strips)} clips drawn at "

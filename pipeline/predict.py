@@ -43,6 +43,7 @@ from .data import collate
 from .examples import finetune_eval_examples, window_starts
 from .export import load_exported, output_names
 from .settings import WindowSettings
+from .video_batch import device_batch
 
 PREVIEW_SUFFIXES = (".png", ".mp4")
 BATCH_SIZE = 8
@@ -136,8 +137,8 @@ def predict_windows(net: HiCMAEClassifier, sample, window: WindowSettings, task:
     examples = finetune_eval_examples(sample, 0, window=window, views=views)
     outputs = []
     for first in range(0, len(examples), BATCH_SIZE):
-        batch = collate(examples[first:first + BATCH_SIZE])
-        inputs = [batch[m].to(device) if m in net.modalities else None for m in ("video", "audio")]
+        batch = device_batch(collate(examples[first:first + BATCH_SIZE]), device)
+        inputs = [batch[m] if m in net.modalities else None for m in ("video", "audio")]
         out = net(*inputs).float()                                         # (B, outputs)
         outputs.append((out.softmax(-1) if task == "classification" else out).cpu().numpy())
     return window_starts(len(sample.frames), window.span, views), np.concatenate(outputs)

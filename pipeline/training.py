@@ -28,6 +28,7 @@ from . import raytrain
 from .history import history_csv
 from .layout import HISTORY_FILE
 from .optim import LrSchedule, build_optimizer, set_lr
+from .video_batch import device_batch
 
 
 def seed_everything(seed: int) -> None:
@@ -143,7 +144,7 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader, *,
     began = time.perf_counter()
     for index, batch in enumerate(batches(loader, schedule.steps_per_epoch)):
         set_lr(optimizer, schedule.at(epoch, index))
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = device_batch(batch, device)  # the video cast, normalised, cropped and augmented there
         sums += step(net, batch, optimizer)
     seconds = time.perf_counter() - began
     means = {f"train/{name}": total / schedule.steps_per_epoch

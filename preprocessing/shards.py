@@ -50,10 +50,10 @@ class PackedFrames:
     def decode(self, index: int) -> np.ndarray:
         """Frame ``index`` -> (H, W, 3) uint8 RGB, C-contiguous."""
         jpeg = np.frombuffer(self.blob, np.uint8, int(self.lengths[index]), int(self.offsets[index]))
-        frame = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+        frame = cv2.imdecode(jpeg, cv2.IMREAD_COLOR_RGB)  # RGB straight from the decoder, no channel swap
         if frame is None:
             raise ValueError(f"{FRAMES_FIELD}: frame {index} of {len(self)} is not a readable JPEG")
-        return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        return frame
 
     def __getitem__(self, indices) -> np.ndarray:
         indices = np.arange(len(self))[indices]  # ints, slices and index arrays, with numpy's bounds checks
@@ -71,7 +71,7 @@ class PackedFrames:
 @dataclass
 class ClipSample:
     """One decoded clip: frames (T, 160, 160, 3) uint8 RGB (or the still packed ``PackedFrames``, which index
-    the same way), fbank (N, 128) float32, meta dict."""
+    the same way), fbank (N, 128) float32 (or float16 as stored), meta dict."""
 
     frames: np.ndarray | PackedFrames
     fbank: np.ndarray
@@ -119,15 +119,19 @@ def encode_sample(frames: np.ndarray, fbank: np.ndarray, meta: dict, quality: in
             META_FIELD: json.dumps(meta, sort_keys=True).encode()}
 
 
-def decode_sample(sample: dict, lazy_frames: bool = False) -> ClipSample:
-    """A raw WebDataset sample (field -> bytes, as ``webdataset.WebDataset`` yields it) -> ClipSample.
+def decode_sample(sample: dict, lazy: bool = False) -> ClipSample:
+    """A raw WebDataset sample (field -> bytes, as ``webdataset.WebDataset`` yields it, or any bytes-like view)
+    -> ClipSample.
 
-    ``lazy_frames`` leaves the frames packed (``PackedFrames``): only the frames a caller indexes get decoded.
+    ``lazy`` leaves the frames packed (``PackedFrames``: only the frames a caller indexes get decoded) and the fbank
+    float16 as stored (a window converts only its own rows, to the same float32 values).
     """
-    meta = json.loads(sample[META_FIELD])
-    fbank = np.load(io.BytesIO(sample[FBANK_FIELD]), allow_pickle=False).astype(np.float32)
+    meta = json.loads(bytes(sample[META_FIELD]))
+    fbank = np.load(io.BytesIO(sample[FBANK_FIELD]), allow_pickle=False)
     frames = PackedFrames(sample[FRAMES_FIELD])
-    return ClipSample(frames=frames if lazy_frames else frames[:], fbank=fbank, meta=meta)
+    if lazy:
+        return ClipSample(frames=frames, fbank=fbank, meta=meta)
+    return ClipSample(frames=frames[:], fbank=fbank.astype(np.float32), meta=meta)
 
 
 def fbank_window(t0: int, t1: int, fps: float, fbank_rate: float) -> tuple[int, int]:

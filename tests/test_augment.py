@@ -5,11 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 from model.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.augment import AugmentConfig, eval_video_transform, mixup_cutmix, train_video_transform
 from pipeline.augment.config import parse_rand_augment
+from pipeline.augment.enhance import brightness_clip, color_clip, contrast_clip, sharpness_clip
 from pipeline.augment.mixing import mix_targets, sample_cutmix_box
 from pipeline.augment.rand_augment import (
     INCREASING_OPS,
@@ -236,6 +237,19 @@ def test_histogram_ops_equal_pil(clip_op, pil_op):
     frames = histogram_test_clip()
     expected = np.stack([np.asarray(pil_op(Image.fromarray(frame))) for frame in frames])
     assert np.array_equal(clip_op(frames), expected)
+
+
+@pytest.mark.parametrize("clip_op, enhancer", [(brightness_clip, ImageEnhance.Brightness),
+                                              (contrast_clip, ImageEnhance.Contrast),
+                                              (color_clip, ImageEnhance.Color),
+                                              (sharpness_clip, ImageEnhance.Sharpness)],
+                         ids=["brightness", "contrast", "color", "sharpness"])
+def test_enhancers_equal_pil(clip_op, enhancer):
+    """Value for value, over the factors RandAugment draws (1 +- 0.9) and beyond."""
+    frames = histogram_test_clip()
+    for delta in (-1.0, -0.9, -0.63, -0.21, 0.0, 0.3, 0.63, 0.9, 1.5):
+        expected = np.stack([np.asarray(enhancer(Image.fromarray(frame)).enhance(1.0 + delta)) for frame in frames])
+        assert np.array_equal(clip_op(frames, delta), expected), delta
 
 
 @pytest.mark.parametrize("coefficients", [

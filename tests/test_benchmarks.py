@@ -84,7 +84,7 @@ def test_training_examples_are_identical_with_lazy_decoding(shards, loader):
 @pytest.mark.timeout(300)  # loader workers are forked processes: fail rather than hang
 def test_loader_benchmark_reports_both_paths(loader, tmp_path):
     out = tmp_path / "loader.json"
-    result = loader.main(["--clips", "4", "--seconds", "1", "--workers", "0", "1", "--batch", "2",
+    result = loader.main(["--clips", "4", "--seconds", "1", "--workers", "0", "1", "--batch", "2", "--cores", "16",
                           "--step-rate", "10", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result["rows"]
@@ -93,6 +93,8 @@ def test_loader_benchmark_reports_both_paths(loader, tmp_path):
         for workers in (0, 1)}
     for row in rows:
         assert row["samples"] == 4 and row["samples_per_s"] > 0 and row["samples_per_cpu_s"] > 0
+        assert row["projected_samples_per_s"] == pytest.approx(16 * row["samples_per_cpu_s"])
+        assert row["device_ms_per_sample"] > 0  # device_batch ran, timed apart from the loader
         assert row["times_step_rate"] == pytest.approx(row["samples_per_s"] / 10)
 
 

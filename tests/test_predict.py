@@ -21,6 +21,7 @@ from pipeline.examples import finetune_eval_examples
 from pipeline.export import CARD_FILE, README_FILE, WEIGHTS_FILE, export_checkpoint, export_model, load_exported
 from pipeline.predict import BOX_COLOURS, load_model, names_option, predict
 from pipeline.settings import WindowSettings
+from pipeline.video_batch import device_batch
 from preprocessing.clip import process_clip
 from preprocessing.datasets import demo
 from preprocessing.decode import MediaError
@@ -54,7 +55,8 @@ def fine_tuned(demo_clips, face_models, tmp_path_factory):
     with FaceDetector(face_models) as detector:
         samples = [decode_sample(process_clip(info, clip, clip.clip_id, PreprocessSettings(), detector, {}))
                    for clip in clips]
-    batch = collate([x for s in samples for x in finetune_eval_examples(s, 0, window=WindowSettings(), views=1)])
+    batch = device_batch(collate([x for s in samples for x in finetune_eval_examples(s, 0, window=WindowSettings(),
+                                                                                     views=1)]), "cpu")
     torch.manual_seed(0)
     net = HiCMAEClassifier(get_config("hicmae_test"), len(info.classes))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -131,7 +133,7 @@ def test_preview_marks_the_detector_of_each_frame(fine_tuned, tmp_path):
 def test_windows_see_what_fine_tuning_evaluation_sees(prediction, fine_tuned):
     """The same windows from the preprocess stage's shard sample give the same outputs: one path, not two."""
     net, samples, _ = fine_tuned
-    batch = collate(finetune_eval_examples(samples[0], 0, window=WindowSettings(), views=2))
+    batch = device_batch(collate(finetune_eval_examples(samples[0], 0, window=WindowSettings(), views=2)), "cpu")
     with torch.no_grad():
         expected = net(batch["video"], batch["audio"]).softmax(-1).numpy()
     got = [list(w["probabilities"].values()) for w in prediction[0]["windows"]]

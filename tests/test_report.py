@@ -24,11 +24,13 @@ from media import speech_wav, write_clip
 import model
 from pipeline import evaluation, face_report, folds, layout, report
 from pipeline.config import DatasetEntry
+from pipeline.data import collate
 from pipeline.evaluation import clip_outputs
 from pipeline.history import history_csv, read_history
 from pipeline.metrics import aggregate_folds
 from pipeline.plots import embedding_maps_figure
 from pipeline.settings import Params
+from pipeline.video_batch import device_batch, video_fields
 from preprocessing.fileio import write_json
 from preprocessing.manifest import ClipRecord, DatasetInfo, write_manifest
 from preprocessing.run import preprocess
@@ -54,20 +56,22 @@ def tiny_net(info: DatasetInfo, seed: int) -> model.HiCMAEClassifier:
 
 
 def eval_batches(info: DatasetInfo, fold: int) -> list[dict]:
-    """CLIPS_PER_FOLD clips, VIEWS views each, in batches of BATCH: what the evaluation loader yields."""
-    g = torch.Generator().manual_seed(fold)
+    """CLIPS_PER_FOLD clips, VIEWS views each, in batches of BATCH: what the evaluation loader yields (uint8 frames
+    with their geometry, ``video_batch.video_fields``)."""
+    rng = np.random.default_rng(fold)
     views = [(f"f{fold}-clip{c}", c) for c in range(CLIPS_PER_FOLD) for _ in range(VIEWS)]
     batches = []
     for start in range(0, len(views), BATCH):
-        chunk = views[start:start + BATCH]
-        batch = {"video": torch.randn(len(chunk), 3, 4, 32, 32, generator=g),
-                 "audio": torch.randn(len(chunk), 1, 32, 32, generator=g),
-                 "clip_id": [clip_id for clip_id, _ in chunk]}
-        if info.task == "classification":
-            batch["label"] = torch.tensor([c % len(info.classes) for _, c in chunk])
-        else:
-            batch["targets"] = torch.tensor([[c / 5, 1 - c / 5, 0.5] for _, c in chunk])
-        batches.append(batch)
+        examples = []
+        for clip_id, c in views[start:start + BATCH]:
+            example = {**video_fields(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)),
+                       "audio": rng.standard_normal((1, 32, 32), dtype=np.float32), "clip_id": clip_id}
+            if info.task == "classification":
+                example["label"] = c % len(info.classes)
+            else:
+                example["targets"] = np.array([c / 5, 1 - c / 5, 0.5], dtype=np.float32)
+            examples.append(example)
+        batches.append(collate(examples))
     return batches
 
 
@@ -146,7 +150,8 @@ def test_clip_outputs_collect_view_averaged_embeddings_in_the_one_forward_per_ba
     net.forward_features = original
     assert list(predictions["clip_id"]) == [f"f1-clip{c}" for c in range(CLIPS_PER_FOLD)]
     with torch.no_grad():  # clip 0's two views are the first two rows of the first batch
-        features = net.forward_features(loader[0]["video"][:2], loader[0]["audio"][:2])
+        first = device_batch(loader[0], "cpu")
+        features = net.forward_features(first["video"][:2], first["audio"][:2])
         probs = net.head_output(features).softmax(-1)
     np.testing.assert_allclose(predictions["output"][0], probs.mean(0).numpy(), atol=1e-6)
     for name, expected in (("video", features.weighted["video"]), ("audio", features.weighted["audio"]),

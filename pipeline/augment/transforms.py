@@ -12,20 +12,21 @@ Training, per clip (every frame of a window shares the same random parameters):
    not the noise).
 
 Evaluation: steps 1 and 3 only.
+
+Steps 1 and 2 run in the loader on uint8 frames (``train_video_fields``, ``eval_video_fields``), which also draw the
+parameters of steps 4-6; steps 3-6 run on the training device, batched (``pipeline.video_batch.video_to_model``).
+``train_video_transform`` and ``eval_video_transform`` are both halves for one clip.
 """
 
 from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from model.constants import IMAGENET_MEAN, IMAGENET_STD
-
+from ..video_batch import Box, example_video, video_fields
 from .config import AugmentConfig
 from .rand_augment import apply_rand_augment, sample_rand_augment
 
@@ -48,30 +49,8 @@ def resize_clip(frames: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _normalization_table() -> np.ndarray:
-    """(3, 256) float32: (v / 255 - mean_c) / std_c for every channel c and value v, in float32 arithmetic."""
-    values = torch.arange(256, dtype=torch.float32).div(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1)
-    return ((values - mean) / std).numpy()
-
-
-_NORMALIZATION = _normalization_table()
-
-
-def normalize_clip(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, H, W) float32: v / 255, then ImageNet mean/std per channel.
-
-    Split into channel planes, then one table lookup per plane (exactly the float32 arithmetic above)."""
-    t, h, w, _ = frames.shape
-    out = np.empty((3, t * h, w), dtype=np.float32)
-    for channel, plane in enumerate(cv2.split(frames.reshape(t * h, w, 3))):
-        cv2.LUT(plane, _NORMALIZATION[channel].reshape(1, 256), dst=out[channel])
-    return torch.from_numpy(out.reshape(3, t, h, w))
-
-
 def sample_resized_crop(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
-                        ratio: tuple[float, float], attempts: int = 10) -> tuple[int, int, int, int]:
+                        ratio: tuple[float, float], attempts: int = 10) -> Box:
     """Inception-style crop box (top, left, h, w): area fraction uniform in ``scale``, aspect w/h log-uniform in
     ``ratio``; after ``attempts`` misses, the largest centred box whose aspect lies within ``ratio``."""
     area = height * width
@@ -93,18 +72,8 @@ def sample_resized_crop(rng: np.random.Generator, height: int, width: int, scale
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resized_crop(video: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """(C, T, H, W) -> (C, T, size, size): crop ``box`` = (top, left, h, w) from every frame, bilinear resize
-    (half-pixel centres, no antialiasing)."""
-    top, left, h, w = box
-    crop = video[:, :, top:top + h, left:left + w]
-    if crop.shape[-2:] == (size, size):
-        return crop.contiguous()
-    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
-
-
 def sample_erase_box(rng: np.random.Generator, height: int, width: int, area_range: tuple[float, float],
-                     aspect_range: tuple[float, float], attempts: int = 100) -> tuple[int, int, int, int] | None:
+                     aspect_range: tuple[float, float], attempts: int = 100) -> Box | None:
     """Erasing box (top, left, h, w) with area fraction uniform in ``area_range`` and aspect h/w log-uniform in
     ``aspect_range``, strictly smaller than the frame; None when every attempt misses."""
     log_aspect = (math.log(aspect_range[0]), math.log(aspect_range[1]))
@@ -118,18 +87,10 @@ def sample_erase_box(rng: np.random.Generator, height: int, width: int, area_ran
     return None
 
 
-def erase_box(video: torch.Tensor, box: tuple[int, int, int, int], rng: np.random.Generator) -> torch.Tensor:
-    """In place on (C, T, H, W): fill ``box`` of every frame with fresh per-pixel N(0, 1) noise."""
-    top, left, h, w = box
-    channels, frames = video.shape[:2]
-    noise = rng.standard_normal((channels, frames, h, w), dtype=np.float32)
-    video[:, :, top:top + h, left:left + w] = torch.from_numpy(noise)
-    return video
-
-
-def train_video_transform(frames: np.ndarray, rng: np.random.Generator,
-                          cfg: AugmentConfig | None = None) -> torch.Tensor:
-    """Training augmentation of one clip: (T, H, W, 3) uint8 RGB -> (3, T, S, S) float32, S = cfg.input_size.
+def train_video_fields(frames: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig | None = None) -> dict:
+    """The loader's half of the training augmentation of one clip: (T, H, W, 3) uint8 RGB -> the example's video
+    entries (``video_batch.video_fields``): (T, S, S, 3) uint8 frames resized and RandAugmented, S =
+    cfg.input_size, with the resized crop, flip and erasing (box and noise seed) that the device applies.
 
     Every random parameter is drawn once per clip from ``rng``, so all frames are transformed alike."""
     cfg = cfg or AugmentConfig()
@@ -137,19 +98,31 @@ def train_video_transform(frames: np.ndarray, rng: np.random.Generator,
     frames = resize_clip(frames, size)
     if cfg.rand_augment:
         frames = apply_rand_augment(frames, sample_rand_augment(rng, cfg), cfg.increasing)
-    video = normalize_clip(frames)
-    if cfg.random_resized_crop:
-        video = resized_crop(video, sample_resized_crop(rng, size, size, cfg.rrc_scale, cfg.rrc_ratio), size)
-    if cfg.flip and rng.random() < cfg.flip_prob:
-        video = video.flip(-1)
+    crop = sample_resized_crop(rng, size, size, cfg.rrc_scale, cfg.rrc_ratio) if cfg.random_resized_crop else None
+    flip = bool(cfg.flip and rng.random() < cfg.flip_prob)
+    erase: Box | None = None
+    noise_seed = 0
     if cfg.random_erase and rng.random() < cfg.erase_prob:
-        box = sample_erase_box(rng, size, size, cfg.erase_area, cfg.erase_aspect)
-        if box is not None:
-            video = erase_box(video.contiguous(), box, rng)
-    return video.contiguous()
+        erase = sample_erase_box(rng, size, size, cfg.erase_area, cfg.erase_aspect)
+        if erase is not None:
+            noise_seed = int(rng.integers(2**63))
+    return video_fields(frames, crop=crop, flip=flip, erase=erase, noise_seed=noise_seed)
+
+
+def eval_video_fields(frames: np.ndarray, size: int = 160) -> dict:
+    """The loader's half of the evaluation transform: (T, H, W, 3) uint8 -> the example's video entries, frames
+    resized to (T, size, size, 3) with PIL bilinear (the reference's centre crop is a no-op after the square
+    resize)."""
+    return video_fields(resize_clip(frames, size))
+
+
+def train_video_transform(frames: np.ndarray, rng: np.random.Generator,
+                          cfg: AugmentConfig | None = None) -> torch.Tensor:
+    """Training augmentation of one clip, both halves: (T, H, W, 3) uint8 RGB -> (3, T, S, S) float32."""
+    return example_video(train_video_fields(frames, rng, cfg))
 
 
 def eval_video_transform(frames: np.ndarray, size: int = 160) -> torch.Tensor:
-    """Deterministic evaluation transform: (T, H, W, 3) uint8 -> (3, T, size, size) float32 (PIL bilinear
-    resize, ImageNet normalisation; the reference's centre crop is a no-op after the square resize)."""
-    return normalize_clip(resize_clip(frames, size))
+    """Deterministic evaluation transform of one clip, both halves: (T, H, W, 3) uint8 -> (3, T, size, size)
+    float32 (PIL bilinear resize, ImageNet normalisation)."""
+    return example_video(eval_video_fields(frames, size))
