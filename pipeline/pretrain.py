@@ -12,7 +12,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -20,7 +19,7 @@ from model import HiCMAEPretrain
 from preprocessing.fileio import atomic_path, atomic_write_bytes, write_json
 from preprocessing.shard_index import ShardIndex
 
-from . import raytrain, tracking
+from . import raytrain
 from .config import DataParams
 from .data import ClipStream, shards_hash, stream_loader, verified_shards
 from .examples import pretrain_examples
@@ -103,6 +102,8 @@ def run_pretrain(params: Params, layout: Layout, shards: list[ShardIndex], track
 
 def stage_pretrain(params: DataParams) -> dict:
     """``hicmae pretrain``: the run above, tracked as the MLflow run ``pretrain-<dataset>``."""
+    from . import tracking  # MLflow for the stage alone: the step and the task import without it (as finetune's)
+
     params = training_params(params)
     layout = Layout.current()
     dataset = params.pretrain.dataset
@@ -111,7 +112,7 @@ def stage_pretrain(params: DataParams) -> dict:
     with tracking.start_stage_run("pretrain", params.pretrain, experiment=params.experiment,
                                   run_name=f"pretrain-{dataset}", data_hash=shards_hash(shards),
                                   tags={"dataset": dataset, "variant": params.variant}) as run:
-        logger = tracking.RunLogger(mlflow.get_tracking_uri(), run.info.run_id)
+        logger = tracking.run_logger(run)
         metrics = run_pretrain(params, layout, shards, tracker=logger)
         tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
     return metrics

@@ -239,6 +239,11 @@ class RunLogger:
         mlflow.MlflowClient(self.tracking_uri).set_terminated(self.run_id, status)
 
 
+def run_logger(run) -> RunLogger:
+    """A ``RunLogger`` for ``run`` (an mlflow Run) on the current tracking server."""
+    return RunLogger(mlflow.get_tracking_uri(), run.info.run_id)
+
+
 def start_child_run(parent, run_name: str, tags: Mapping[str, str]) -> RunLogger:
     """A run nested under ``parent`` (an active mlflow Run) that other processes log into by id.
 
@@ -248,4 +253,4 @@ def start_child_run(parent, run_name: str, tags: Mapping[str, str]) -> RunLogger
     inherited = {key: value for key, value in parent.data.tags.items() if not key.startswith("mlflow.")}
     run = mlflow.MlflowClient(uri).create_run(parent.info.experiment_id, run_name=run_name,
                                               tags={**inherited, "mlflow.parentRunId": parent.info.run_id, **tags})
-    return RunLogger(uri, run.info.run_id)
+    return run_logger(run)
