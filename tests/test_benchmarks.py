@@ -157,3 +157,24 @@ def test_small_faces_benchmark_finds_the_distant_face(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split(" | ")[2]: line.split(" | ") for line in done.stdout.splitlines() if line.startswith("28 |")}
     assert float(rows["short_then_full_range"][3]) >= 0.9 and float(rows["short_range"][3]) == 0.0
+
+
+def test_jpeg_benchmark_decodes_training_frames(tmp_path):
+    out = tmp_path / "jpeg.json"
+    result = load_benchmark("jpeg_decode").main(["--batch", "8", "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["batch"] == 8 and 1_000 < result["jpeg_bytes_mean"] < 50_000  # 160 x 160 q90 face crops
+    opencv = result["decoders"]["opencv"]
+    assert opencv["images_per_s"] > 0 and opencv["cpu_ms_per_image"] > 0
+    for name in set(result["decoders"]) - {"opencv"}:  # torchvision's decoders, where it is installed
+        assert result["decoders"][name]["max_abs_diff"] <= 64
+
+
+def test_gpu_script_stops_at_its_budget(tmp_path):
+    """benchmarks/gpu.sh runs its benchmarks in order within the budget; with none left it skips them all."""
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path), "0"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, check=True)
+    skipped = [line.split()[1].rstrip(":") for line in (tmp_path / "gpu.log").read_text().splitlines()
+               if line.endswith("skipped, out of time")]
+    assert skipped == ["step-eager", "loader-pretrain", "loader-finetune", "numerics", "jpeg", "step-best",
+                       "step-compile"], done.stdout
