@@ -9,6 +9,7 @@ whole worker group (Ray Train v2, the default in Ray 2.60) and ``training.fit`` 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,6 +21,13 @@ from preprocessing.ray_runtime import start_ray
 
 from .layout import CHECKPOINT_STATE
 from .settings import ScalingSettings
+
+# Ray folds lines of several processes that differ only in their numbers into one "[repeated Nx across cluster]",
+# which would hide the progress of all but one of the folds trained side by side. Lines that match this are never
+# folded (``training.progress_line`` and ``folds.FoldJob``). Ray reads it when first imported, which in every
+# stage comes after this module.
+PROGRESS_LINES = r": epoch \d+/\d+ |fold \d+ done:"
+os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINES)
 
 
 def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,
@@ -120,10 +128,17 @@ def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         state = torch.load(Path(folder) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    print(f"resumed from the checkpoint of epoch {state['epoch']} (rank {ray.train.get_context().get_world_rank()})")
+    show(f"resumed from the checkpoint of epoch {state['epoch']} (rank {ray.train.get_context().get_world_rank()})")
     if tracker:
         tracker.log_epoch({"resumed_from_epoch": state["epoch"]}, state["epoch"])
     return state
+
+
+def show(line: str) -> None:
+    """Print ``line`` once from a Ray Train worker. Ray wraps its workers' stdout, and Ray Train's ``print`` then
+    writes there and to its logger as well (each line twice on the console); the process's own stdout takes it once.
+    """
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def report_epoch(metrics: dict, state: dict | None, files: dict[str, bytes] | None = None) -> None:

@@ -181,7 +181,7 @@ def fit(task: TrainingTask) -> None:
         files = task.final_files(net, device) if last else None
         state = None
         if rank == 0:
-            print(progress_line(task.label, epoch, settings.epochs, metrics), flush=True)
+            raytrain.show(progress_line(task.label, epoch, settings.epochs, metrics))
             history.append(metrics)
             if tracker:
                 tracker.log_epoch(metrics, epoch)

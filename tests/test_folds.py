@@ -18,6 +18,8 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline import cli
+from pipeline.raytrain import PROGRESS_LINES
+from pipeline.training import progress_line
 from preprocessing.datasets.demo import generate_demo
 
 pytestmark = pytest.mark.slow
@@ -67,18 +69,36 @@ def run_span(storage: Path, fold: int) -> tuple[datetime, datetime]:
     return started, last
 
 
+def progress(output: str, fold: int, epoch: int) -> list[str]:
+    """The console lines of ``fold``'s progress at ``epoch`` (1-based)."""
+    return [line for line in output.splitlines() if f"demo fold {fold}: epoch {epoch}/{EPOCHS} " in line]
+
+
+def test_progress_lines_are_never_folded_by_ray():
+    """Ray folds lines of several processes that differ only in numbers, unless they match PROGRESS_LINES."""
+    line = progress_line("crema-d fold 3", 3, 50, {"train/loss": 1.21, "val/uar": 0.52})
+    assert line == "crema-d fold 3: epoch 4/50  train/loss 1.21  val/uar 0.52"
+    assert re.search(PROGRESS_LINES, line) and re.search(PROGRESS_LINES, "crema-d fold 3 done: best epoch 7")
+
+
 def test_folds_side_by_side_equal_one_at_a_time_and_a_killed_fold_resumes(prepared, mlflow_server, tmp_path,
                                                                          kill_worker_after_checkpoint, capsys):
     alone = finetune(prepared, tmp_path / "alone", mlflow_server, "--set", "finetune.concurrent_folds=1",
                      "--set", "experiment=folds-alone")
-    assert "fine-tuning 2 folds, 1 at a time" in capsys.readouterr().out
+    output = "".join(capsys.readouterr())  # the workers' lines: stdout and stderr
+    assert "fine-tuning 2 folds, 1 at a time" in output
+    for fold in FOLDS:  # every epoch's progress line once, not twice
+        assert [len(progress(output, fold, epoch)) for epoch in range(1, EPOCHS + 1)] == [1] * EPOCHS, output
 
     together_work = tmp_path / "together"
     ours = psutil.Process()  # a local Ray: its processes descend from this one
     with kill_worker_after_checkpoint(lambda: ours.children(recursive=True), together_work / "ray_results",
                                       runs=2) as killer:
         together = finetune(prepared, together_work, mlflow_server, "--set", "experiment=folds-together")
-    assert "fine-tuning 2 folds, 2 at a time" in capsys.readouterr().out
+    output = "".join(capsys.readouterr())
+    assert "fine-tuning 2 folds, 2 at a time" in output
+    for fold in FOLDS:  # both folds' progress shows (the killed fold may redo the epochs after its checkpoint)
+        assert len(progress(output, fold, 1)) == 1 and progress(output, fold, EPOCHS), output
     assert killer.killed is not None, "no Ray Train worker was running once both folds had a checkpoint"
     (start1, end1), (start2, end2) = (run_span(together_work / "ray_results", fold) for fold in FOLDS)
     assert start1 < end2 and start2 < end1  # the two folds trained at the same time
