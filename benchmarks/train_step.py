@@ -438,6 +438,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = {"pretrain": args.pretrain_batch, "finetune": args.finetune_batch}
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
               or platform.machine(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["benchmarks/train_step.py", *(argv or [])]),
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["benchmarks/train_step.py", *argv]),
               "overrides": overrides}
     if args.check_numerics:
         result["numerics"] = []
