@@ -49,15 +49,21 @@ class Geometry(NamedTuple):
         return self.crop != (0, 0, height, width) or self.flip or self.erase[2] > 0
 
 
+def uint8_clip(frames: np.ndarray) -> np.ndarray:
+    """``frames`` checked to be a (T, H, W, 3) uint8 RGB clip, C-contiguous."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    return np.ascontiguousarray(frames)
+
+
 def video_fields(frames: np.ndarray, *, crop: Box | None = None, flip: bool = False, erase: Box | None = None,
                  noise_seed: int = 0) -> dict:
     """An example's video entries: the (T, H, W, 3) uint8 frames and their ``Geometry`` row. ``crop`` None keeps
     the whole frame; ``erase`` None erases nothing."""
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    frames = uint8_clip(frames)
     height, width = frames.shape[1:3]
     geometry = Geometry(crop or (0, 0, height, width), flip, erase or (0, 0, 0, 0), noise_seed)
-    return {VIDEO: np.ascontiguousarray(frames), GEOMETRY: geometry.row()}
+    return {VIDEO: frames, GEOMETRY: geometry.row()}
 
 
 def normalize(video: torch.Tensor) -> torch.Tensor:
@@ -113,8 +119,8 @@ def device_batch(batch: dict, device: torch.device | str) -> dict:
     """A loader batch as a model step takes it: the video through ``video_to_model``, every other tensor moved to
     ``device``, anything else (clip ids) as it is; the geometry is used up."""
     moved = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-             for key, value in batch.items() if key != GEOMETRY}
-    moved[VIDEO] = video_to_model(batch, device)
+             for key, value in batch.items() if key not in (VIDEO, GEOMETRY)}
+    moved[VIDEO] = video_to_model(batch, device)  # the video's one trip to the device
     return moved
 
 

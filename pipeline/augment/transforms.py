@@ -26,21 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..video_batch import Box, example_video, video_fields
+from ..video_batch import Box, example_video, uint8_clip, video_fields
 from .config import AugmentConfig
 from .rand_augment import apply_rand_augment, sample_rand_augment
 
 
-def _check_clip(frames: np.ndarray) -> np.ndarray:
-    """Validate a (T, H, W, 3) uint8 RGB clip and return it C-contiguous."""
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
-    return np.ascontiguousarray(frames)
-
-
 def resize_clip(frames: np.ndarray, size: int) -> np.ndarray:
     """(T, H, W, 3) uint8 -> (T, size, size, 3) uint8 with PIL bilinear resampling (aspect not kept)."""
-    frames = _check_clip(frames)
+    frames = uint8_clip(frames)
     if frames.shape[1:3] == (size, size):
         return frames
     out = np.empty((frames.shape[0], size, size, 3), dtype=np.uint8)
