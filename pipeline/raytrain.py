@@ -74,11 +74,12 @@ def run_concurrently(driver: Callable[[object], None], items: list, *, limit: in
 
     start_ray(log_to_driver=True)
     remote = ray.remote(num_cpus=0, max_retries=0)(_call)  # Ray Train retries its workers itself
+    shared = ray.put(driver)  # serialised once for all the calls, not once per call
     queue, running, failed = list(items), {}, {}
     while queue or running:
         while queue and len(running) < limit:
             item = queue.pop(0)
-            running[remote.remote(driver, item)] = item
+            running[remote.remote(shared, item)] = item
         [done], _ = ray.wait(list(running), num_returns=1)
         item = running.pop(done)
         try:

@@ -186,7 +186,8 @@ def tile_side(shape: Sequence[int]) -> int:
 
 
 def grid_tiles(shape: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Square tiles (x, y, side) of half the short side, overlapping by half, covering a frame of ``shape``."""
+    """Square tiles (x, y, side) of the full-range input size (or the short side, if smaller), overlapping by half,
+    covering a frame of ``shape``."""
     height, width = shape[:2]
     side = tile_side(shape)
     step = max(1, side // 2)

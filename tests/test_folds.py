@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import cli
+from pipeline import cli, raytrain
 from pipeline.raytrain import PROGRESS_LINES
 from pipeline.training import progress_line
 from preprocessing.datasets.demo import generate_demo
@@ -79,6 +79,18 @@ def test_progress_lines_are_never_folded_by_ray():
     line = progress_line("crema-d fold 3", 3, 50, {"train/loss": 1.21, "val/uar": 0.52})
     assert line == "crema-d fold 3: epoch 4/50  train/loss 1.21  val/uar 0.52"
     assert re.search(PROGRESS_LINES, line) and re.search(PROGRESS_LINES, "crema-d fold 3 done: best epoch 7")
+
+
+def test_a_failing_run_does_not_stop_the_others(tmp_path):
+    """run_concurrently, as the stage drives its folds: one call fails, the others finish, the failure is named."""
+    def driver(item: int) -> None:  # defined here, so Ray ships it by value
+        if item == 2:
+            raise ValueError("fold 2 broke")
+        (tmp_path / f"{item}.done").write_text("ok")
+
+    failed = raytrain.run_concurrently(driver, [1, 2, 3], limit=2)
+    assert failed == {2: "ValueError: fold 2 broke"}
+    assert sorted(path.name for path in tmp_path.glob("*.done")) == ["1.done", "3.done"]
 
 
 def test_folds_side_by_side_equal_one_at_a_time_and_a_killed_fold_resumes(prepared, mlflow_server, tmp_path,
