@@ -13,14 +13,21 @@ damaged shard stops the stage at once with one line naming it, rather than faili
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from preprocessing.shard_index import DamagedShard, ShardIndex, check_shard, list_shards, read_index
+from preprocessing.shard_index import (
+    DamagedShard,
+    ShardIndex,
+    check_shard,
+    list_shards,
+    map_shard,
+    read_index,
+    sample_views,
+)
 from preprocessing.shards import decode_sample
 
 from .sampling import GlobalBatchSampler, epoch_shards
@@ -118,22 +125,6 @@ def read_shards(paths: list[str], stride: int = 1, offset: int = 0) -> Iterator[
             if position % stride == offset:
                 yield sample_views(shard, sample, path)
             position += 1
-
-
-def map_shard(path: str) -> memoryview:
-    """A shard file mapped into memory, read-only: the pages a reader touches are read, and no others."""
-    with open(path, "rb") as handle:
-        return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
-
-
-def sample_views(shard: memoryview, sample: dict, path: str) -> dict[str, memoryview]:
-    """One sample's fields as views into its mapped shard (no copy)."""
-    fields = {}
-    for field, (start, size) in sample["members"].items():
-        if start + size > len(shard):
-            raise DamagedShard(f"{path}: damaged: {sample['key']}.{field} is cut short")
-        fields[field] = shard[start:start + size]
-    return fields
 
 
 def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator) -> Iterator:

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from preprocessing.shard_index import STATUS_FILE, SUMMARY_FILE, read_index, read_member_bytes
+from preprocessing.shard_index import STATUS_FILE, SUMMARY_FILE, map_shard, read_index, sample_views
 from preprocessing.shards import decode_sample
 
 from .plots import contact_sheet_figure, save_figure
@@ -73,8 +73,7 @@ def face_sheet(dataset: str, processed: Path, out: Path, seed: int = FACE_SHEET_
     for row in (good[i] for i in drawn):  # in status order, so the sheet reads like the status table
         index = read_index(processed / row["shard"])
         [sample] = [sample for sample in index.samples if sample["key"] == row["key"]]
-        with open(index.path, "rb") as handle:
-            clip = decode_sample(read_member_bytes(handle, sample), lazy=True)
+        clip = decode_sample(sample_views(map_shard(index.path), sample, index.path), lazy=True)
         strips.append(_strip(clip))
         labels.append(_sheet_label(clip.meta))
     figure = contact_sheet_figure(strips, labels, title=f"{dataset}: face crops of {len(strips)} clips drawn at "

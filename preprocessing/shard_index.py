@@ -8,13 +8,14 @@ A preprocessed dataset folder holds ``shards/shard-XXXXXX.tar`` and beside each 
      "samples": [{"key": "...", "clip_id": "...", "members": {"frames.jpgs": [offset, size], ...}}, ...]}
 
 plus ``units/`` (preprocessing.units), ``status.jsonl`` (one row per manifest clip) and ``summary.json``.
-A tar member's bytes lie at a fixed offset, so fine-tuning reads any clip with one seek per member (random
+A tar member's bytes lie at a fixed offset, so fine-tuning reads any clip through views of the mapped shard (random
 access: only the clips of a fold's split are read), while pre-training streams whole shards sequentially.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -119,19 +120,25 @@ def check_shard(index: ShardIndex, full: bool = True) -> None:
         raise DamagedShard(f"{index.path}: damaged: its sha256 differs from the one its index records")
 
 
-def read_member_bytes(handle, sample: dict) -> dict[str, bytes]:
-    """One sample's raw fields (field -> bytes, as ``webdataset.WebDataset`` yields them) read from an open shard."""
-    raw = {}
-    for field, (offset, size) in sample["members"].items():
-        handle.seek(offset)
-        raw[field] = handle.read(size)
-        if len(raw[field]) != size:
-            raise DamagedShard(f"{getattr(handle, 'name', 'shard')}: damaged: {sample['key']}.{field} is cut short")
-    return raw
+def map_shard(path: str | os.PathLike) -> memoryview:
+    """A shard file mapped into memory, read-only: the pages a reader touches are read, and no others."""
+    with open(path, "rb") as handle:
+        return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
 
 
-def read_samples(index: ShardIndex) -> Iterator[dict[str, bytes]]:
+def sample_views(shard: memoryview, sample: dict, path: str | os.PathLike) -> dict[str, memoryview]:
+    """One sample's raw fields (field -> bytes-like, as ``shards.decode_sample`` takes them) as views into its mapped
+    shard (``map_shard`` of ``path``), without a copy."""
+    fields = {}
+    for field, (start, size) in sample["members"].items():
+        if start + size > len(shard):
+            raise DamagedShard(f"{path}: damaged: {sample['key']}.{field} is cut short")
+        fields[field] = shard[start:start + size]
+    return fields
+
+
+def read_samples(index: ShardIndex) -> Iterator[dict[str, memoryview]]:
     """Every sample of a shard in order, as raw fields (``shards.decode_sample`` decodes one)."""
-    with open(index.path, "rb") as handle:
-        for sample in index.samples:
-            yield read_member_bytes(handle, sample)
+    shard = map_shard(index.path)
+    for sample in index.samples:
+        yield sample_views(shard, sample, index.path)
