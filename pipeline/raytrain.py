@@ -9,10 +9,12 @@ whole worker group (Ray Train v2, the default in Ray 2.60) and ``training.fit`` 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,6 +38,10 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
 
     Every call is a new Ray Train run (its name gets a time stamp): a worker that dies is replaced and the
     group resumes from the run's last checkpoint, but a later call never picks up a stale run's state.
+
+    ``loop_config`` travels pickled to bytes: Ray Train's controller process unpickles ``train_loop_config`` but
+    has no use for it, and its objects would make it import what they need (MLflow, the training modules), which
+    delays every run's start by seconds of CPU. The workers unpickle it (``_unpack``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -43,8 +49,8 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
     start_ray(log_to_driver=True)
     name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
+        partial(_unpack, loop),
+        train_loop_config={"pickled": pickle.dumps(loop_config)},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
@@ -52,6 +58,10 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     return trainer.fit()
+
+
+def _unpack(loop: Callable[[dict], None], config: dict) -> None:
+    loop(pickle.loads(config["pickled"]))
 
 
 def runs_that_fit(scaling: ScalingSettings, limit: int | None = None) -> int:
