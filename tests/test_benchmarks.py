@@ -17,6 +17,7 @@ import torch
 from pipeline.data import ClipDataset, clip_catalog, verified_shards
 from pipeline.examples import finetune_eval_examples, finetune_train_examples, pretrain_examples
 from pipeline.settings import FinetuneSettings, PretrainSettings
+from pipeline.training import progress_line
 from preprocessing.shard_index import ShardIndex, read_samples
 from preprocessing.shards import decode_sample
 
@@ -105,6 +106,15 @@ def test_mixing_benchmark_shows_the_buffer_breaking_up_repeated_batches():
     assert abs(none["top_class"] - none["uniform_top_class"]) < 0.1  # random shards: labels mix without a buffer
     assert none["repeat_pairs_x_uniform"] > 3 * full["repeat_pairs_x_uniform"]  # but partners repeat every epoch
     assert none["buffer_mb_8s_clips"] == 0 < full["buffer_mb_8s_clips"]
+
+
+def test_folds_benchmark_reads_the_stages_epoch_lines():
+    """benchmarks/folds.py times epochs from the progress lines the stage prints (behind Ray's worker prefix)."""
+    folds = load_benchmark("folds")
+    line = "(RayTrainWorker pid=1) " + progress_line("crema-d fold 3", 11, 50, {"train/loss": 1.2, "val/uar": 0.5})
+    assert folds.EPOCH_LINE.search(line).groups() == ("3", "12", "50")
+    busy, total = folds.cpu_times()
+    assert 0 < busy < total
 
 
 def test_train_step_benchmark_reports_throughput_and_exact_flops(train_step, tmp_path):
