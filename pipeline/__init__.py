@@ -1,0 +1,1 @@
+"""The pipeline: stage entry points (the `hicmae` command), their configuration, training, tracking and reports."""

@@ -1,0 +1,1 @@
+"""Preprocessing: dataset adapters and manifests, media decoding, faces, log-mel features and shards."""
