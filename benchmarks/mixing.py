@@ -47,7 +47,7 @@ def write_sorted_dataset(folder: Path, labels: int, per_label: int, shard_size: 
     """Clips whose ids sort by label, sharded as preprocessing shards them; returns each clip number's label."""
     clips = [ClipRecord(clip_id=f"{label:03d}-{i:05d}", video="x.mp4", label=label)
              for label in range(labels) for i in range(per_label)]
-    info = DatasetInfo(name="sorted", task="classification", root=str(folder), classes=[str(k) for k in range(labels)])
+    info = DatasetInfo(name="sorted", task="classification", classes=[str(k) for k in range(labels)])
     frames = np.zeros((1, 16, 16, 3), np.uint8)
     for unit in plan_units(info, clips, PreprocessSettings(shard_size=shard_size)):
         samples = []

@@ -35,7 +35,7 @@ def build_model(name: str, folder: Path) -> Path:
     """Export a randomly initialised classifier: the demo model of params.yaml, or a registered size."""
     params = training_params(load_params(PROJECT_ROOT / "params.yaml"))
     cfg = params.finetune.model.build_config() if name == "demo" else get_config(name)
-    info = DatasetInfo(name="benchmark", task="classification", root=str(folder), classes=CLASSES)
+    info = DatasetInfo(name="benchmark", task="classification", classes=CLASSES)
     return export_model(HiCMAEClassifier(cfg, len(CLASSES)).state_dict(), cfg, info, {}, None, folder / "model")
 
 

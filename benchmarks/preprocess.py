@@ -47,7 +47,7 @@ def build_clips(folder: Path, count: int, seconds: float, size: tuple[int, int],
     for i in range(count):
         write_clip(folder / f"clip{i:03d}.mp4", seconds=seconds, size=size, fps=fps, speech=speech, frames=frames)
         clips.append(ClipRecord(clip_id=f"clip{i:03d}", video=f"clip{i:03d}.mp4"))
-    info = DatasetInfo(name="bench", task="unlabelled", root=str(folder))
+    info = DatasetInfo(name="bench", task="unlabelled")
     return write_manifest(folder / "bench.jsonl", info, clips)
 
 
@@ -60,12 +60,12 @@ def measured(work) -> tuple[float, float, object]:
 
 def decode_only(manifest: Path, settings: PreprocessSettings) -> int:
     """Decode every clip's video (at settings.fps) and audio, nothing else; returns the frame count."""
-    info, clips = read_manifest(manifest)
+    _, clips = read_manifest(manifest)
     frames = 0
     for clip in clips:
-        video_path = Path(info.root) / clip.video
+        video_path = manifest.parent / clip.video
         video, origin = decode_video(video_path, settings.fps, clip.start, clip.end, settings.max_short_side)
-        decode_audio(Path(info.root) / (clip.audio or clip.video), origin, video.duration)
+        decode_audio(manifest.parent / (clip.audio or clip.video), origin, video.duration)
         frames += len(video.frames)
     return frames
 
@@ -73,7 +73,7 @@ def decode_only(manifest: Path, settings: PreprocessSettings) -> int:
 def full_run(manifest: Path, out: Path, settings: PreprocessSettings) -> dict:
     """One ``preprocess`` of the manifest into a fresh ``out``; returns its summary."""
     shutil.rmtree(out, ignore_errors=True)
-    return preprocess(manifest, out, settings)
+    return preprocess(manifest, out, manifest.parent, settings)
 
 
 def spread(values: list[float], unit: str = "s", digits: int = 2) -> str:
@@ -96,7 +96,7 @@ def report(manifest: Path, out: Path, repeats: int, use_ray: bool, detect_every:
         decode_wall, decode_cpu, _ = measured(lambda: decode_only(manifest, settings))
         full_wall, full_cpu, summary = measured(lambda: full_run(manifest, out / "single", settings))
         runs.append({"decode_wall": decode_wall, "decode_cpu": decode_cpu, "full_wall": full_wall,
-                     "full_cpu": full_cpu, "stages": summary["stage_seconds"], "ok": summary["ok"],
+                     "full_cpu": full_cpu, "stages": summary["run"]["stage_seconds"], "ok": summary["ok"],
                      "face": summary.get("face")})
     print(f"load average (1/5/15 min) after:  {load_average()}")
     column = {key: [run[key] for run in runs] for key in runs[0]}

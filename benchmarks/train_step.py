@@ -55,7 +55,7 @@ from preprocessing.manifest import DatasetInfo  # noqa: E402
 
 STAGES = ("pretrain", "finetune")
 NUM_CLASSES = 6  # CREMA-D's
-INFO = DatasetInfo(name="synthetic", task="classification", root=".", classes=[f"c{i}" for i in range(NUM_CLASSES)])
+INFO = DatasetInfo(name="synthetic", task="classification", classes=[f"c{i}" for i in range(NUM_CLASSES)])
 # HiCMAE-T's structure shrunk until a step takes milliseconds on a CPU (inputs 32 x 32 x 4 frames, 64 x 32 log-mel).
 TINY = {"img_size": 32, "num_frames": 4, "audio_frames": 64, "audio_mel_bins": 32, "embed_dim": 32, "num_heads": 2,
         "audio_embed_dim": 32, "audio_num_heads": 2, "fusion_num_heads": 2, "depth": 2, "audio_depth": 2,

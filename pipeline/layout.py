@@ -12,6 +12,9 @@ Under the work root (the project, or ``$HICMAE_WORKDIR`` when set, e.g. a folder
                                                         embeddings_best.npz, model/ (the exported best model)
     reports/                                            results.{md,json}, plots/, curves/ (pipeline/report.py)
     ray_results/                                        Ray Train's run folders (checkpoints while training)
+    .cache/media-hashes/<dataset>.json                  the manifest stage's file hashes by size and mtime
+
+What DVC tracks (data/, runs/, reports/) holds results only; what a run did and how long it took goes to MLflow.
 
 A Ray Train checkpoint folder holds ``state.pt`` (model, optimizer, epoch, the loop's own state) and, in a
 fine-tuning fold's last checkpoint, the fold's result files.
@@ -192,3 +195,7 @@ class Layout:
     @property
     def ray_results(self) -> Path:
         return self.root / "ray_results"
+
+    def media_hash_cache(self, dataset: str) -> Path:
+        """Where the manifest stage remembers the sha256 of a dataset's media files (not an output)."""
+        return self.root / ".cache" / "media-hashes" / f"{dataset}.json"

@@ -95,19 +95,28 @@ def load_clip_media(video_path: Path, audio_path: Path, start: float | None, end
                      audio_duration=audio_duration)
 
 
-def process_clip(info: DatasetInfo, clip: ClipRecord, key: str, settings: PreprocessSettings,
+def source_hash(path: Path, expected: str | None) -> str:
+    """The sha256 of a clip's media file; MediaError ``changed`` when the manifest recorded another."""
+    digest = sha256_file(path)
+    if expected is not None and digest != expected:
+        raise MediaError("changed", path, "the file differs from the one the manifest was made from; "
+                         "run `hicmae manifest` again")
+    return digest
+
+
+def process_clip(root: Path, info: DatasetInfo, clip: ClipRecord, key: str, settings: PreprocessSettings,
                  detector: FaceDetector, timings: dict[str, float]) -> dict:
-    """Turn one clip into an encoded shard sample; failures raise MediaError with a reason."""
-    root = Path(info.root)
-    video_path = root / clip.video
-    audio_path = root / clip.audio if clip.audio else video_path
+    """Turn one clip (media paths relative to the dataset folder ``root``) into an encoded shard sample; failures
+    raise MediaError with a reason."""
+    video_path = Path(root) / clip.video
+    audio_path = Path(root) / clip.audio if clip.audio else video_path
     media = load_clip_media(video_path, audio_path, clip.start, clip.end, settings, detector, timings,
                             clip.face_region)
     video, stats = media.video, media.face
     with timed(timings, "decode"):
-        sources = {"video": clip.video, "video_sha256": sha256_file(video_path)}
+        sources = {"video": clip.video, "video_sha256": source_hash(video_path, clip.video_sha256)}
         if clip.audio:
-            sources |= {"audio": clip.audio, "audio_sha256": sha256_file(audio_path)}
+            sources |= {"audio": clip.audio, "audio_sha256": source_hash(audio_path, clip.audio_sha256)}
     meta = clip_meta(info, clip, key, settings, num_frames=len(media.crops), duration=video.duration,
                      fbank_frames=len(media.fbank), audio_duration=round(media.audio_duration, 4),
                      face={**face_meta(stats), "region": clip.face_region},

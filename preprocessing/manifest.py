@@ -3,10 +3,12 @@
 A manifest is two files side by side:
 
     <name>.jsonl        one ``ClipRecord`` per line (Ray Data and pandas read it directly)
-    <name>.info.json    one ``DatasetInfo``: task, class names, fold count, the dataset root
+    <name>.info.json    one ``DatasetInfo``: task, class names, fold count, protocol
 
-Media paths in the records are relative to ``DatasetInfo.root`` (so a manifest does not depend on where
-the dataset happens to be mounted, only the info file does).
+A manifest is a function of the dataset's content alone, not of where it is mounted: media paths are relative to
+the dataset's root folder (which the caller knows: ``params.yaml`` names it), and ``hash_media`` adds each media
+file's sha256. So the same dataset gives byte-identical manifests in any checkout, and a file whose content
+changes changes the manifest (and with it every stage downstream), whatever its name and time stamps.
 
 The fold column holds the paper protocol's test fold (1-based). The clean protocol's validation split is
 derived from it by ``split_for_fold``: a deterministic, speaker-disjoint slice of the training folds.
@@ -15,6 +17,7 @@ derived from it by ``split_for_fold``: a deterministic, speaker-disjoint slice o
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -23,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from preprocessing.fileio import atomic_write_text
+from preprocessing.fileio import atomic_write_text, sha256_file
 
 Task = Literal["classification", "regression", "unlabelled"]
 
@@ -42,6 +45,8 @@ class ClipRecord(BaseModel):
     targets: list[float] | None = Field(None, description="dimensional labels, DatasetInfo.targets order")
     speaker: str | None = Field(None, description="speaker/subject id; None when the dataset has none")
     fold: int | None = Field(None, ge=1, description="1-based test fold of the paper protocol")
+    video_sha256: str | None = Field(None, description="sha256 of the video file (``hash_media``)")
+    audio_sha256: str | None = Field(None, description="sha256 of the separate audio file, if any")
     face_region: tuple[float, float, float, float] | None = Field(
         None, description="where the speaker's face is: (x0, y0, x1, y1), fractions of the upright frame's "
         "width and height; only faces centred inside it are tracked. None: any face")
@@ -69,7 +74,6 @@ class DatasetInfo(BaseModel):
 
     name: str
     task: Task
-    root: str = Field(description="absolute path of the dataset folder the media paths are relative to")
     classes: list[str] = Field(default_factory=list, description="class names in label-index order")
     targets: list[str] = Field(default_factory=list, description="names of the dimensional targets")
     num_folds: int = Field(0, ge=0)
@@ -123,9 +127,13 @@ def read_manifest(path: str | os.PathLike) -> tuple[DatasetInfo, list[ClipRecord
     """Read a manifest; a malformed line fails with the file and line number."""
     path = Path(path)
     try:
-        info = DatasetInfo.model_validate_json(info_path(path).read_text(encoding="utf-8"))
+        info_text = info_path(path).read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{path}: its info file {info_path(path)} is missing") from err
+    if "root" in json.loads(info_text):
+        raise ValueError(f"{info_path(path)}: written by an older version of the pipeline (it records the dataset's "
+                         "folder); run `hicmae manifest` again")
+    info = DatasetInfo.model_validate_json(info_text)
     clips = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -169,3 +177,52 @@ def split_for_fold(
         else:
             split["train"].append(clip)
     return split
+
+
+def media_files(clip: ClipRecord) -> list[str]:
+    """The media files of a clip, as the manifest names them (relative to the root, or absolute)."""
+    return [clip.video] + ([clip.audio] if clip.audio else [])
+
+
+def hash_media(clips: Sequence[ClipRecord], root: str | os.PathLike, cache: str | os.PathLike | None = None,
+               progress: bool = False, threads: int = 8) -> list[ClipRecord]:
+    """The clips with ``video_sha256`` (and ``audio_sha256``) set from their files under ``root``.
+
+    ``cache`` (a JSON file, not a pipeline output) remembers each file's hash with its size and modification
+    time, so that hashing a dataset again on the same machine reads only files that changed. A file that cannot
+    be read gets no hash; preprocessing then records it as unreadable.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    root = Path(root)
+    known = _read_hash_cache(cache)
+    names = sorted({name for clip in clips for name in media_files(clip)})
+
+    def entry(name: str) -> list | None:
+        path = root / name
+        try:
+            stat = path.stat()
+            stamp = [stat.st_size, stat.st_mtime_ns]
+            if known.get(name, [None])[:2] == stamp:
+                return known[name]
+            return [*stamp, sha256_file(path)]
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL: reading is the bound
+        entries = dict(zip(names, tqdm(pool.map(entry, names), total=len(names), unit="file", desc="hash media",
+                                       disable=not progress or len(names) < 100), strict=True))
+    if cache is not None:
+        atomic_write_text(cache, json.dumps({name: e for name, e in entries.items() if e is not None}) + "\n")
+    sha = {name: e[2] if e else None for name, e in entries.items()}
+    return [clip.model_copy(update={"video_sha256": sha[clip.video],
+                                    "audio_sha256": sha[clip.audio] if clip.audio else None}) for clip in clips]
+
+
+def _read_hash_cache(cache: str | os.PathLike | None) -> dict[str, list]:
+    try:
+        return json.loads(Path(cache).read_text(encoding="utf-8")) if cache else {}
+    except (OSError, ValueError):
+        return {}

@@ -1,10 +1,12 @@
 """Preprocess a manifest into WebDataset shards, a status table and a summary, on Ray Data.
 
-    python -m preprocessing.run --manifest M.jsonl --out DIR [--fps 25 --min-face-fraction 0.5
+    python -m preprocessing.run --manifest M.jsonl --root DATASET --out DIR [--fps 25 --min-face-fraction 0.5
                                 --shard-size 64 --workers 2 --cpus-per-worker 0.5 --no-ray]
 
 Writes ``DIR/shards/shard-XXXXXX.tar`` (one per work unit with at least one good clip), ``DIR/status.jsonl``
-(one row per manifest clip: ``ok`` or a named failure with the file and the reason) and ``DIR/summary.json``.
+(one row per manifest clip: ``ok`` or a named failure with the file and the reason) and ``DIR/summary.json``: all
+of it a function of the clips' content and the output settings (byte-identical when run again, anywhere). How
+long each stage took is returned under ``run``, not written.
 Ray starts locally on loopback unless ``RAY_ADDRESS`` names a cluster (then DIR and the dataset root must
 be on a filesystem every node sees). Each worker process holds one face
 detector. Re-running with the same inputs and settings redoes only the units that are missing (see units.py).
@@ -37,48 +39,51 @@ from preprocessing.units import WorkUnit, plan_units, process_unit, read_status,
 class UnitWorker:
     """A Ray Data callable class: one face detector per worker process, one unit per batch row."""
 
-    def __init__(self, out_dir: str, info_json: str, settings_json: str):
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir: str, root: str, info_json: str, settings_json: str):
+        self.out_dir, self.root = Path(out_dir), Path(root)
         self.info = DatasetInfo.model_validate_json(info_json)
         self.settings = PreprocessSettings.model_validate_json(settings_json)
         self.detector = FaceDetector.from_settings(self.settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done = [process_unit(self.out_dir, self.info, WorkUnit.from_json(text), self.settings, self.detector)
-                for text in batch["unit"]]
-        return {"clips": np.array([len(status["clips"]) for status in done])}
+        done = [process_unit(self.out_dir, self.root, self.info, WorkUnit.from_json(text), self.settings,
+                             self.detector) for text in batch["unit"]]
+        return {"unit": np.array([json.dumps({"clips": len(result.status["clips"]), "seconds": result.seconds})
+                                  for result in done])}
 
 
-def _run_on_ray(out_dir: Path, info: DatasetInfo, units: list[WorkUnit],
-                settings: PreprocessSettings) -> Iterator[int]:
-    """Process units on Ray Data; yields the clip count of each finished unit."""
+def _run_on_ray(out_dir: Path, root: Path, info: DatasetInfo, units: list[WorkUnit],
+                settings: PreprocessSettings) -> Iterator[dict]:
+    """Process units on Ray Data; yields ``{"clips": n, "seconds": {stage: s}}`` of each finished unit."""
     import ray
 
     started = start_ray()
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
-        workers = settings.workers or max(1, min(len(units), os.cpu_count() or 1))
+        cpus = int(ray.cluster_resources().get("CPU", 1))  # the cluster's, not this machine's
+        workers = min(settings.workers or cpus, len(units))
         dataset = ray.data.from_items([{"unit": unit.to_json()} for unit in units],
                                       override_num_blocks=len(units))
         dataset = dataset.map_batches(
             UnitWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=settings.cpus_per_worker,
-            fn_constructor_kwargs={"out_dir": str(out_dir.resolve()), "info_json": info.model_dump_json(),
-                                   "settings_json": settings.model_dump_json()})
+            fn_constructor_kwargs={"out_dir": str(out_dir.resolve()), "root": str(Path(root).resolve()),
+                                   "info_json": info.model_dump_json(), "settings_json": settings.model_dump_json()})
         for row in dataset.iter_rows():
-            yield int(row["clips"])
+            yield json.loads(row["unit"])
     finally:
         if started:
             ray.shutdown()
 
 
-def _run_here(out_dir: Path, info: DatasetInfo, units: list[WorkUnit],
-              settings: PreprocessSettings) -> Iterator[int]:
+def _run_here(out_dir: Path, root: Path, info: DatasetInfo, units: list[WorkUnit],
+              settings: PreprocessSettings) -> Iterator[dict]:
     """Process units one after another in this process (no Ray)."""
     with FaceDetector.from_settings(settings) as detector:
         for unit in units:
-            yield len(process_unit(out_dir, info, unit, settings, detector)["clips"])
+            result = process_unit(out_dir, root, info, unit, settings, detector)
+            yield {"clips": len(result.status["clips"]), "seconds": result.seconds}
 
 
 def face_summary(rows: list[dict]) -> dict:
@@ -98,18 +103,13 @@ def face_summary(rows: list[dict]) -> dict:
                         "p5": round(float(np.percentile(sides, 5)), 1) if sides else None}}
 
 
-def summarise(statuses: list[dict], processed: int, wall: float) -> dict:
-    """Clip counts by outcome, face detection (``face_summary``) and seconds per stage (summed over all units of
-    the output)."""
+def summarise(statuses: list[dict]) -> dict:
+    """Clip counts by outcome, the shards and face detection (``face_summary``) of the whole output."""
     rows = [row for status in statuses for row in status["clips"]]
     outcomes = Counter(row["status"] for row in rows)
-    seconds = {stage: round(sum(status["seconds"].get(stage, 0.0) for status in statuses), 3)
-               for stage in STAGES}
     return {"clips": len(rows), "ok": outcomes.pop("ok", 0), "failed": dict(sorted(outcomes.items())),
             "shards": sorted({status["shard"] for status in statuses if status["shard"]}),
-            "face": face_summary(rows),
-            "units": len(statuses), "units_processed_now": processed, "stage_seconds": seconds,
-            "wall_seconds_now": round(wall, 3)}
+            "face": face_summary(rows), "units": len(statuses)}
 
 
 def _write_status_table(out_dir: Path, statuses: list[dict]) -> None:
@@ -117,32 +117,40 @@ def _write_status_table(out_dir: Path, statuses: list[dict]) -> None:
     atomic_write_text(out_dir / STATUS_FILE, "".join(line + "\n" for line in lines))
 
 
-def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike,
+def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike, root: str | os.PathLike,
                settings: PreprocessSettings | None = None) -> dict:
-    """Preprocess every clip of ``manifest`` into ``out_dir``; returns the summary (also in summary.json)."""
+    """Preprocess every clip of ``manifest`` (its media under the dataset folder ``root``) into ``out_dir``.
+
+    Returns the summary written to summary.json, plus under ``run`` what this run did and how long it took (units
+    processed now, seconds per stage summed over them, wall seconds): figures of the run, not of the output."""
     settings = settings or PreprocessSettings()
-    out_dir = Path(out_dir)
+    out_dir, root = Path(out_dir), Path(root)
     start = time.perf_counter()
     info, clips = read_manifest(manifest)
     units = plan_units(info, clips, settings)
     remove_leftovers(out_dir, units)
     todo = [unit for unit in units if not unit_done(out_dir, unit)]
+    seconds = dict.fromkeys(STAGES, 0.0)
     if todo:
         ensure_face_models(settings.face_models)  # fetched once here, before any worker needs them
         run = _run_on_ray if settings.use_ray else _run_here
         todo_indices = {unit.index for unit in todo}
         done_clips = sum(len(unit.clips) for unit in units if unit.index not in todo_indices)
         with _progress(settings, len(clips), done_clips) as bar:
-            for count in run(out_dir, info, todo, settings):
-                bar.update(count)
+            for done in run(out_dir, root, info, todo, settings):
+                bar.update(done["clips"])
+                for stage, value in done["seconds"].items():
+                    seconds[stage] += value
     statuses = [read_status(out_dir, unit.index) for unit in units]
     missing = [unit.index for unit, status in zip(units, statuses, strict=True) if status is None]
     if missing:
         raise RuntimeError(f"{out_dir}: units {missing} did not finish; run again to complete them")
     _write_status_table(out_dir, statuses)
-    summary = summarise(statuses, len(todo), time.perf_counter() - start)
+    summary = summarise(statuses)
     write_json(out_dir / SUMMARY_FILE, summary)
-    return summary
+    run = {"units_processed": len(todo), "stage_seconds": {k: round(v, 3) for k, v in seconds.items()},
+           "wall_seconds": round(time.perf_counter() - start, 3)}
+    return {**summary, "run": run}
 
 
 def _progress(settings: PreprocessSettings, total: int, done: int):
@@ -155,6 +163,7 @@ def _progress(settings: PreprocessSettings, total: int, done: int):
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, PreprocessSettings]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="manifest .jsonl (its .info.json beside it)")
+    parser.add_argument("--root", required=True, help="the dataset folder the manifest's media paths are in")
     parser.add_argument("--out", required=True, help="output folder")
     for name, field in PreprocessSettings.model_fields.items():
         if field.annotation is bool:
@@ -171,7 +180,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, PreprocessS
 
 def main(argv: list[str] | None = None) -> None:
     args, settings = _parse_args(argv)
-    summary = preprocess(args.manifest, args.out, settings)
+    summary = preprocess(args.manifest, args.out, args.root, settings)
     print(json.dumps(summary, indent=2))
 
 

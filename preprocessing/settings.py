@@ -33,7 +33,8 @@ class PreprocessSettings(BaseModel):
     smooth_frames: int = Field(5, ge=1, description="moving-average window for face boxes and keypoints")
     face_models: str | None = Field(None, description="folder of the face detector .tflite files; None: "
                                     "$HICMAE_FACE_MODELS or the cache")
-    workers: int | None = Field(None, ge=1, description="parallel worker processes; None: one per CPU")
+    workers: int | None = Field(None, ge=1, description="parallel worker processes; None: one per CPU of "
+                                 "the Ray cluster")
     cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs each worker claims")
     use_ray: bool = Field(True, description="False: process units in this process (debugging)")
     progress: bool = True

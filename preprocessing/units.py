@@ -3,19 +3,22 @@
 The clips are put in a pseudo-random order seeded by ``shard_seed`` (a hash of each clip id), independent of the
 manifest's order, and unit i holds clips [i * shard_size, (i + 1) * shard_size) of that order: every shard is a
 random sample of the dataset, whatever the order its files sort in (RAVDESS's names sort by emotion,
-VoxCeleb2's by speaker). A unit's digest hashes its clip records, the size and modification time of their media
-files, the dataset info and the output settings. A unit is done when ``units/unit-<i>.json`` exists with the
+VoxCeleb2's by speaker). A unit's digest hashes its clip records (with their media files' sha256, from the
+manifest), the dataset info and the output settings. A unit is done when ``units/unit-<i>.json`` exists with the
 same digest and, if any clip succeeded, its shard and index exist and the shard has the size and sha256 the
 status records (a truncated or overwritten shard is redone). The shard and its index are renamed into place
 before the status file is written, so a run killed at any point leaves either a finished unit or one that the
 next run redoes from scratch: no half-written shard, no duplicate clip.
+
+Everything a unit writes is a function of its clips' content and the settings: no time stamps, durations,
+process ids or absolute paths (the seconds each stage took are returned to the caller, ``UnitResult``), so the
+same dataset preprocessed again, on any machine and from any folder, gives byte-identical output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,16 +57,16 @@ class WorkUnit:
         return cls(data["index"], data["digest"], [ClipRecord(**clip) for clip in data["clips"]])
 
 
+@dataclass
+class UnitResult:
+    """What processing a unit gave: its status (as written) and the seconds each stage took (not written)."""
+
+    status: dict
+    seconds: dict[str, float]
+
+
 def status_path(out_dir: Path, index: int) -> Path:
     return out_dir / "units" / f"unit-{index:06d}.json"
-
-
-def _file_stamp(path: Path) -> list:
-    try:
-        stat = path.stat()
-        return [stat.st_size, stat.st_mtime_ns]
-    except OSError:
-        return ["missing"]
 
 
 def shard_order(clips: list[ClipRecord], seed: int) -> list[ClipRecord]:
@@ -72,17 +75,15 @@ def shard_order(clips: list[ClipRecord], seed: int) -> list[ClipRecord]:
 
 
 def plan_units(info: DatasetInfo, clips: list[ClipRecord], settings: PreprocessSettings) -> list[WorkUnit]:
-    """Group the clips, in ``shard_order``, into units of ``settings.shard_size`` and fingerprint each."""
-    root = Path(info.root)
+    """Group the clips, in ``shard_order``, into units of ``settings.shard_size`` and fingerprint each (records,
+    media hashes, dataset info and output settings: what the unit's output is a function of)."""
     clips = shard_order(clips, settings.shard_seed)
     common = json.dumps([info.model_dump(), settings.output_fingerprint()], sort_keys=True)
     units = []
     for index, first in enumerate(range(0, len(clips), settings.shard_size)):
         group = clips[first:first + settings.shard_size]
-        stamps = [[clip.model_dump(), _file_stamp(root / clip.video),
-                   _file_stamp(root / clip.audio) if clip.audio else None] for clip in group]
-        digest = hashlib.sha256((common + json.dumps(stamps, sort_keys=True)).encode()).hexdigest()
-        units.append(WorkUnit(index, digest, group))
+        records = json.dumps([clip.model_dump() for clip in group], sort_keys=True)
+        units.append(WorkUnit(index, hashlib.sha256((common + records).encode()).hexdigest(), group))
     return units
 
 
@@ -120,12 +121,15 @@ def remove_leftovers(out_dir: Path, units: list[WorkUnit]) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _failure_row(info: DatasetInfo, clip: ClipRecord, reason: str, file: str, detail: str) -> dict:
-    """A status row for a failed clip; ``file`` relative to the dataset root when it lies inside."""
+def _failure_row(root: Path, clip: ClipRecord, reason: str, file: str, detail: str) -> dict:
+    """A status row for a failed clip; ``file``, and any mention of it in ``detail``, relative to the dataset root
+    when it lies inside."""
     path = Path(file)
-    if path.is_relative_to(info.root):
-        file = str(path.relative_to(info.root))
-    return {"clip_id": clip.clip_id, "status": reason, "file": file, "detail": detail}
+    if path.is_relative_to(root):
+        relative = str(path.relative_to(root))
+        detail = detail.replace(str(path), relative)
+        file = relative
+    return {"clip_id": clip.clip_id, "status": reason, "file": file, "detail": detail.replace(f"{root}/", "")}
 
 
 def _face_row(sample: dict) -> dict:
@@ -136,9 +140,10 @@ def _face_row(sample: dict) -> dict:
             "side_px": face["side_px"]["median"]}
 
 
-def process_unit(out_dir: Path, info: DatasetInfo, unit: WorkUnit, settings: PreprocessSettings,
-                 detector: FaceDetector) -> dict:
-    """Process every clip of a unit, write its shard and then its status file; returns the status.
+def process_unit(out_dir: Path, root: Path, info: DatasetInfo, unit: WorkUnit, settings: PreprocessSettings,
+                 detector: FaceDetector) -> UnitResult:
+    """Process every clip of a unit (media under the dataset folder ``root``), write its shard and then its status
+    file.
 
     One clip's failure is recorded in its status row and never stops the others.
     """
@@ -147,13 +152,13 @@ def process_unit(out_dir: Path, info: DatasetInfo, unit: WorkUnit, settings: Pre
     for clip in unit.clips:
         key = sample_key(clip.clip_id)
         try:
-            samples.append(process_clip(info, clip, key, settings, detector, timings))
+            samples.append(process_clip(root, info, clip, key, settings, detector, timings))
             rows.append({"clip_id": clip.clip_id, "status": "ok", "file": clip.video, "detail": "", "key": key,
                          "face": _face_row(samples[-1])})
         except MediaError as err:
-            rows.append(_failure_row(info, clip, err.reason, err.path, err.detail))
+            rows.append(_failure_row(root, clip, err.reason, err.path, err.detail))
         except Exception as err:  # noqa: BLE001 - an unexpected bug in one clip must not stop the unit
-            rows.append(_failure_row(info, clip, "error", clip.video, f"{type(err).__name__}: {err}"))
+            rows.append(_failure_row(root, clip, "error", str(root / clip.video), f"{type(err).__name__}: {err}"))
     shard = shard_file(out_dir, unit.index)
     with timed(timings, "write"):
         if samples:
@@ -166,7 +171,6 @@ def process_unit(out_dir: Path, info: DatasetInfo, unit: WorkUnit, settings: Pre
         row["shard"] = relative if row["status"] == "ok" else None
     status = {"index": unit.index, "digest": unit.digest, "shard": relative,
               "shard_size": written.size if samples else None, "shard_sha256": written.sha256 if samples else None,
-              "clips": rows, "seconds": {stage: round(value, 4) for stage, value in timings.items()},
-              "pid": os.getpid()}
+              "clips": rows}
     write_json(status_path(out_dir, unit.index), status)
-    return status
+    return UnitResult(status, timings)

@@ -70,9 +70,9 @@ def test_grid_tiles_cover_the_frame_overlapping_by_half():
 def test_small_face_in_hd_frame_is_found_and_the_crop_centred_on_it(tmp_path, speech, detector, face_px, x, y):
     portrait = Portrait("astronaut", face_px, x, y, drift=0.02)
     path = write_clip(tmp_path / "small.mp4", seconds=1.6, size=HD, speech=speech, frames=scene([portrait]))
-    info = DatasetInfo(name="films", task="unlabelled", root=str(tmp_path))
-    sample = decode_sample(process_clip(info, ClipRecord(clip_id="small", video="small.mp4"), "small", SETTINGS,
-                                        detector, {}))
+    info = DatasetInfo(name="films", task="unlabelled")
+    clip = ClipRecord(clip_id="small", video="small.mp4")
+    sample = decode_sample(process_clip(tmp_path, info, clip, "small", SETTINGS, detector, {}))
     face = sample.meta["face"]
     assert face["fraction"] >= 0.9 and face["cuts"] == 0
     assert face["detector_frames"]["full_range_tiles"] >= 0.9 * face["frames"]
@@ -157,6 +157,6 @@ def test_region_hint_travels_with_the_work_unit():
 def test_manifest_without_hints_is_written_as_before(tmp_path):
     from preprocessing.manifest import write_manifest
 
-    info = DatasetInfo(name="x", task="unlabelled", root=str(tmp_path))
+    info = DatasetInfo(name="x", task="unlabelled")
     path = write_manifest(tmp_path / "m.jsonl", info, [ClipRecord(clip_id="a", video="a.mp4")])
     assert Path(path).read_text() == '{"clip_id":"a","video":"a.mp4"}\n'

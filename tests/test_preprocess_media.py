@@ -122,10 +122,10 @@ def test_detect_frames_examines_every_nth_and_the_last_frame():
 @pytest.mark.parametrize("detect_every, examined", [(1, 50), (2, 26)])
 def test_crop_is_centred_on_the_face(tmp_path, speech, detector, detect_every, examined):
     path = write_clip(tmp_path / "face clip.mp4", seconds=2.0, speech=speech)
-    info = DatasetInfo(name="demo", task="unlabelled", root=str(tmp_path))
+    info = DatasetInfo(name="demo", task="unlabelled")
     clip = ClipRecord(clip_id="face/clip.1", video=path.name, speaker="s1", fold=1)
     settings = PreprocessSettings(detect_every=detect_every)
-    sample = process_clip(info, clip, "face_clip_1", settings, detector, {})
+    sample = process_clip(tmp_path, info, clip, "face_clip_1", settings, detector, {})
     index = write_shard(tmp_path / "shard.tar", [sample])
     (raw,) = list(read_samples(read_index(tmp_path / "shard.tar")))
     decoded = decode_sample(raw)

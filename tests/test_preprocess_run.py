@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from media import speech_wav, write_clip
 
 from preprocessing.fileio import TEMP_GLOB
-from preprocessing.manifest import ClipRecord, DatasetInfo, write_manifest
+from preprocessing.manifest import ClipRecord, DatasetInfo, hash_media, write_manifest
 from preprocessing.run import preprocess
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shard_index import check_shard, list_shards, read_index, read_samples
@@ -71,15 +72,16 @@ def _make_corpus(root: Path) -> list[ClipRecord]:
 
 
 def _manifest(tmp: Path, clips: list[ClipRecord], root: Path, num_folds: int = 0) -> Path:
-    info = DatasetInfo(name="corpus", task="classification", root=str(root), classes=["a", "b"],
-                       num_folds=num_folds)
-    return write_manifest(tmp / "corpus.jsonl", info, clips)
+    """The manifest of ``clips`` (media under ``root``, hashed as the manifest stage does)."""
+    info = DatasetInfo(name="corpus", task="classification", classes=["a", "b"], num_folds=num_folds)
+    return write_manifest(tmp / "corpus.jsonl", info, hash_media(clips, root))
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """(manifest, the media folder it is relative to)."""
     root = tmp_path_factory.mktemp("corpus")
-    return _manifest(root, _make_corpus(root / "media"), root / "media", num_folds=2)
+    return _manifest(root, _make_corpus(root / "media"), root / "media", num_folds=2), root / "media"
 
 
 def _status(out: Path) -> dict[str, dict]:
@@ -92,7 +94,7 @@ def _status(out: Path) -> dict[str, dict]:
 def test_corpus_on_ray_then_rerun_does_nothing(corpus, tmp_path):
     out = tmp_path / "out"
     settings = PreprocessSettings(shard_size=4, workers=2, cpus_per_worker=0.5, progress=False)
-    summary = preprocess(corpus, out, settings)
+    summary = preprocess(corpus[0], out, corpus[1], settings)
 
     status = _status(out)
     assert {clip_id: row["status"] for clip_id, row in status.items()} == EXPECTED
@@ -100,8 +102,10 @@ def test_corpus_on_ray_then_rerun_does_nothing(corpus, tmp_path):
         if row["status"] != "ok":
             assert row["file"] and row["detail"], row
     assert summary["ok"] == 8 and summary["clips"] == len(EXPECTED)
-    assert set(summary["stage_seconds"]) == {"decode", "detect", "align_crop", "fbank", "encode", "write"}
-    assert json.loads((out / "summary.json").read_text())["failed"] == summary["failed"]
+    assert set(summary["run"]["stage_seconds"]) == {"decode", "detect", "align_crop", "fbank", "encode", "write"}
+    assert json.loads((out / "summary.json").read_text()) == {k: v for k, v in summary.items() if k != "run"}
+    for row in status.values():  # paths relative to the dataset folder, in the detail too
+        assert str(corpus[1]) not in json.dumps(row), row
 
     samples = {s.meta["clip_id"]: s for s in processed_clips(out)}
     assert sorted(samples) == sorted(k for k, v in EXPECTED.items() if v == "ok")
@@ -116,8 +120,8 @@ def test_corpus_on_ray_then_rerun_does_nothing(corpus, tmp_path):
     assert samples["separate_audio"].meta["source"]["audio"] == "speech.wav"
 
     mtimes = {path: path.stat().st_mtime_ns for path in (out / "shards").iterdir()}
-    again = preprocess(corpus, out, settings)
-    assert again["units_processed_now"] == 0
+    again = preprocess(corpus[0], out, corpus[1], settings)
+    assert again["run"]["units_processed"] == 0
     assert {path: path.stat().st_mtime_ns for path in (out / "shards").iterdir()} == mtimes
     assert _status(out) == status
 
@@ -140,8 +144,8 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
         clips.append(ClipRecord(clip_id=f"clip{i}", video=f"clip{i}.mp4", label=i % 2))
     manifest = _manifest(tmp_path, clips, root)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "preprocessing.run", "--manifest", str(manifest), "--out", str(out),
-               "--shard-size", "1", "--no-ray", "--no-progress"]
+    command = [sys.executable, "-m", "preprocessing.run", "--manifest", str(manifest), "--root", str(root),
+               "--out", str(out), "--shard-size", "1", "--no-ray", "--no-progress"]
     process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     _wait_for(out / "units" / "unit-000002.json", process)
@@ -154,8 +158,8 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
         with tarfile.open(shard) as archive:
             assert len(archive.getnames()) == 3
 
-    summary = preprocess(manifest, out, PreprocessSettings(shard_size=1, use_ray=False, progress=False))
-    assert summary["ok"] == 8 and summary["units_processed_now"] <= 8 - 3
+    summary = preprocess(manifest, out, root, PreprocessSettings(shard_size=1, use_ray=False, progress=False))
+    assert summary["ok"] == 8 and summary["run"]["units_processed"] <= 8 - 3
     assert not [path for path in out.rglob(TEMP_GLOB)]
     ids = [s.meta["clip_id"] for s in processed_clips(out)]
     assert sorted(ids) == [f"clip{i}" for i in range(8)]
@@ -171,8 +175,36 @@ def test_changed_settings_redo_the_work(tmp_path):
     root = tmp_path / "media"
     write_clip(root / "clip.mp4", seconds=1.0, speech=speech_wav(tmp_path / "s.wav"))
     manifest = _manifest(tmp_path, [ClipRecord(clip_id="c", video="clip.mp4", label=0)], root)
-    first = preprocess(manifest, tmp_path / "out", PreprocessSettings(use_ray=False, progress=False))
-    second = preprocess(manifest, tmp_path / "out", PreprocessSettings(use_ray=False, progress=False, fps=30))
-    assert first["units_processed_now"] == second["units_processed_now"] == 1
+    first = preprocess(manifest, tmp_path / "out", root, PreprocessSettings(use_ray=False, progress=False))
+    second = preprocess(manifest, tmp_path / "out", root, PreprocessSettings(use_ray=False, progress=False, fps=30))
+    assert first["run"]["units_processed"] == second["run"]["units_processed"] == 1
     (sample,) = processed_clips(tmp_path / "out")
     assert sample.meta["fps"] == 30 and sample.frames.shape[0] == 30
+
+
+def test_output_depends_on_content_not_on_where_or_when(tmp_path):
+    """The same media preprocessed from another folder, with other time stamps, gives the same bytes; a file whose
+    content changed behind the manifest's back is a status row, and a manifest made again redoes its unit."""
+    speech = speech_wav(tmp_path / "s.wav")
+    first_root, second_root = tmp_path / "here" / "media", tmp_path / "elsewhere" / "copy"
+    write_clip(first_root / "clip.mp4", seconds=1.0, speech=speech)
+    clips = [ClipRecord(clip_id="c", video="clip.mp4", label=0)]
+    outputs = []
+    for root in (first_root, second_root):
+        if root == second_root:
+            shutil.copytree(first_root, second_root)  # new modification times
+        manifest = _manifest(root.parent, clips, root)
+        preprocess(manifest, root.parent / "out", root, PreprocessSettings(use_ray=False, progress=False))
+        outputs.append({p.relative_to(root.parent / "out"): p.read_bytes()
+                        for p in sorted((root.parent / "out").rglob("*")) if p.is_file()})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 5  # shard, index, unit status, status.jsonl, summary
+    assert (first_root.parent / "corpus.jsonl").read_bytes() == (second_root.parent / "corpus.jsonl").read_bytes()
+
+    manifest = second_root.parent / "corpus.jsonl"
+    write_clip(second_root / "clip.mp4", seconds=1.5, speech=speech)  # replaced after the manifest was made
+    settings = PreprocessSettings(use_ray=False, progress=False)
+    summary = preprocess(manifest, tmp_path / "out2", second_root, settings)
+    assert summary["failed"] == {"changed": 1} and "hicmae manifest" in _status(tmp_path / "out2")["c"]["detail"]
+    manifest = _manifest(second_root.parent, clips, second_root)
+    redone = preprocess(manifest, second_root.parent / "out", second_root, settings)
+    assert redone["run"]["units_processed"] == 1 and redone["ok"] == 1

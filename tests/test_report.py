@@ -42,9 +42,9 @@ FOLDS = (1, 2)
 CLIPS_PER_FOLD, VIEWS, BATCH = 6, 2, 4
 PROCESSED_CLIPS = 10  # preprocessed crema-d clips: more than a contact sheet shows
 DATASETS = {
-    "crema-d": DatasetInfo(name="crema-d", task="classification", root="/data/CREMA-D",
+    "crema-d": DatasetInfo(name="crema-d", task="classification",
                            classes=["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"], num_folds=5),
-    "werewolf-xl": DatasetInfo(name="werewolf-xl", task="regression", root="/data/Werewolf-XL",
+    "werewolf-xl": DatasetInfo(name="werewolf-xl", task="regression",
                                targets=["valence", "arousal", "dominance"], num_folds=5),
 }
 
@@ -108,9 +108,8 @@ def preprocess_clips(media: Path, processed: Path) -> dict:
     clips = [ClipRecord(clip_id=f"clip{i:02d}", video=write_clip(media / f"clip{i:02d}.mp4", seconds=0.5,
                                                                  size=(192, 144), speech=speech).name)
              for i in range(PROCESSED_CLIPS)]
-    manifest = write_manifest(media / "manifest.jsonl", DatasetInfo(name="crema-d", task="unlabelled",
-                                                                    root=str(media)), clips)
-    return preprocess(manifest, processed, PreprocessSettings(use_ray=False, progress=False))
+    manifest = write_manifest(media / "manifest.jsonl", DatasetInfo(name="crema-d", task="unlabelled"), clips)
+    return preprocess(manifest, processed, media, PreprocessSettings(use_ray=False, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +128,7 @@ def workspace(tmp_path_factory):
 def reported(workspace, mlflow_server):
     """``stage_report`` run once on the workspace, tracked in the test server; its returned Markdown."""
     root, summaries = workspace
-    params = Params(datasets={name: DatasetEntry(root=info.root) for name, info in DATASETS.items()},
+    params = Params(datasets={name: DatasetEntry(root=f"/data/{name}") for name in DATASETS},
                     experiment="report-test")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)

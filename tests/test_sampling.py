@@ -34,7 +34,7 @@ def sorted_dataset(folder, shard_size: int) -> tuple[DatasetInfo, list[ClipRecor
     """CLASSES x PER_CLASS clips whose ids (and so the manifest) sort by label, preprocessed into shards."""
     clips = [ClipRecord(clip_id=f"{label}-{i:03d}", video=f"{label}-{i:03d}.mp4", label=label, speaker=f"s{i % 10}",
                         fold=1 + i % FOLDS) for label in range(CLASSES) for i in range(PER_CLASS)]
-    info = DatasetInfo(name="sorted", task="classification", root=str(folder),
+    info = DatasetInfo(name="sorted", task="classification",
                        classes=[f"c{k}" for k in range(CLASSES)], num_folds=FOLDS)
     number = {clip.clip_id: n for n, clip in enumerate(clips)}
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 
 from preprocessing.datasets import ADAPTERS, DatasetLayoutError, build_manifest
-from preprocessing.manifest import write_manifest
+from preprocessing.manifest import hash_media, write_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetLayoutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    path = write_manifest(args.out, info, clips)
+    path = write_manifest(args.out, info, hash_media(clips, args.root, progress=True))
     folds = Counter(clip.fold for clip in clips)
     print(f"{info.name}: {len(clips)} clips -> {path} (clips per fold: "
           f"{dict(sorted(folds.items(), key=lambda item: (item[0] is None, item[0] or 0)))})")

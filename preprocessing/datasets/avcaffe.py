@@ -78,7 +78,7 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
         participant, task, _clip = clip_id.split("/")
         clips.append(ClipRecord(clip_id=clip_id, video=check.rel(video), targets=labels[(participant, task)],
                                 speaker=participant, fold=folds[participant]))
-    info = DatasetInfo(name=NAME, task="regression", root=str(Path(root).resolve()), targets=TARGETS,
+    info = DatasetInfo(name=NAME, task="regression", targets=TARGETS,
                        num_folds=len(SPLITS),
                        protocol="participant-independent split: fold 1 = test participants, fold 2 = train")
     return finish(info, clips)

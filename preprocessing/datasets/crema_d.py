@@ -73,7 +73,7 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
         clips.append(ClipRecord(clip_id=clip_id, video=videos[clip_id], audio=audios[clip_id],
                                 label=CLASSES.index(emotion), speaker=actor,
                                 fold=fold_of_actor(int(actor))))
-    info = DatasetInfo(name=NAME, task="classification", root=str(Path(root).resolve()), classes=CLASSES,
+    info = DatasetInfo(name=NAME, task="classification", classes=CLASSES,
                        num_folds=NUM_FOLDS,
                        protocol="5-fold subject-independent: actors 1001-1091 in contiguous blocks of 18 "
                                 "(the last fold 19), as the reference")

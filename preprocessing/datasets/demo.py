@@ -157,7 +157,7 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
     clips = [ClipRecord(clip_id=row["clip"], video=f"{CLIP_DIR}/{row['clip']}.mp4",
                         label=CLASSES.index(row["emotion"]), speaker=row["speaker"],
                         fold=block_fold(speakers.index(row["speaker"]), block, NUM_FOLDS)) for row in rows]
-    info = DatasetInfo(name=NAME, task="classification", root=str(Path(root).resolve()), classes=CLASSES,
+    info = DatasetInfo(name=NAME, task="classification", classes=CLASSES,
                        num_folds=NUM_FOLDS, protocol="5 speaker-disjoint folds: sorted speakers in blocks")
     return finish(info, clips)
 

@@ -65,6 +65,6 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
                       [clip for clip in sorted(folds) if clip not in videos])
     clips = [ClipRecord(clip_id=clip_id, video=videos[clip_id], label=CLASSES.index(label), fold=fold)
              for clip_id, (fold, label) in folds.items()]
-    info = DatasetInfo(name=NAME, task="classification", root=str(Path(root).resolve()), classes=CLASSES,
+    info = DatasetInfo(name=NAME, task="classification", classes=CLASSES,
                        num_folds=NUM_FOLDS, protocol="official single-label 5 folds (EmoLabel_DataSplit)")
     return finish(info, clips)

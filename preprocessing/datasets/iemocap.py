@@ -84,7 +84,7 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
     check.check_empty("dialogue videos missing for labelled utterances", missing)
     check.check_empty("no labelled utterances found in the EmoEvaluation files",
                       [] if clips else [check.root / "Session1/dialog/EmoEvaluation"])
-    info = DatasetInfo(name=NAME, task="classification", root=str(Path(root).resolve()), classes=CLASSES,
+    info = DatasetInfo(name=NAME, task="classification", classes=CLASSES,
                        num_folds=NUM_FOLDS,
                        protocol="5-fold leave-one-session-out; 4 classes, excited merged into happy")
     return finish(info, clips)

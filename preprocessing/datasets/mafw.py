@@ -76,7 +76,7 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
     clips = [ClipRecord(clip_id=clip_id, video=videos[clip_id], label=CLASSES.index(label), fold=fold)
              for clip_id, (fold, label) in sorted(folds.items())
              if has_audio_stream(check.root / videos[clip_id])]
-    info = DatasetInfo(name=NAME, task="classification", root=str(Path(root).resolve()), classes=CLASSES,
+    info = DatasetInfo(name=NAME, task="classification", classes=CLASSES,
                        num_folds=NUM_FOLDS,
                        protocol="official single-label 5 folds (Train & Test Set/single/no_caption/set_k); "
                                 "clips without an audio stream left out")

@@ -54,7 +54,7 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
                        if name not in videos[fold]])
     clips = [ClipRecord(clip_id=name, video=videos[fold][name], label=CLASSES.index(label), fold=fold)
              for name, (fold, label) in folds.items()]
-    info = DatasetInfo(name=NAME, task="classification", root=str(Path(root).resolve()), classes=CLASSES,
+    info = DatasetInfo(name=NAME, task="classification", classes=CLASSES,
                        num_folds=len(PARTS),
                        protocol="official split: fold 1 = MER-MULTI test set (the one to test), "
                                 "fold 2 = training set")

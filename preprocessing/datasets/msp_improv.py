@@ -72,7 +72,7 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
         speaker = clip_id.split("-")[3]
         clips.append(ClipRecord(clip_id=clip_id, video=videos[clip_id], audio=audios[clip_id],
                                 label=CODES.index(labels[clip_id]), speaker=speaker, fold=int(speaker[1:])))
-    info = DatasetInfo(name=NAME, task="classification", root=str(Path(root).resolve()), classes=CLASSES,
+    info = DatasetInfo(name=NAME, task="classification", classes=CLASSES,
                        num_folds=NUM_FOLDS,
                        protocol="6-fold leave-one-session-out: fold k tests actors F0k and M0k")
     return finish(info, clips)

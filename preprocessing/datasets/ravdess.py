@@ -54,7 +54,7 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
         _channel, emotion, _intensity, _statement, _repetition, actor = key.split("-")
         clips.append(ClipRecord(clip_id=f"02-{key}", video=video, audio=audios[key], label=int(emotion) - 1,
                                 speaker=actor, fold=block_fold(int(actor) - 1, ACTORS_PER_FOLD, NUM_FOLDS)))
-    info = DatasetInfo(name=NAME, task="classification", root=str(Path(root).resolve()), classes=CLASSES,
+    info = DatasetInfo(name=NAME, task="classification", classes=CLASSES,
                        num_folds=NUM_FOLDS,
                        protocol="6-fold subject-independent: 4 actors per fold (01-04, 05-08, ..., 21-24)")
     return finish(info, clips)

@@ -39,6 +39,6 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
         clips.append(ClipRecord(clip_id=clip_id, video=check.rel(video),
                                 audio=check.rel(audio) if audio.is_file() else None,
                                 speaker=clip_id.split("/")[0]))
-    info = DatasetInfo(name=NAME, task="unlabelled", root=str(Path(root).resolve()),
+    info = DatasetInfo(name=NAME, task="unlabelled",
                        protocol="unlabelled pre-training set (dev split)")
     return finish(info, clips)

@@ -88,7 +88,7 @@ def build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]:
         clips.append(ClipRecord(clip_id=clip_id, video=videos[clip_id], targets=values,
                                 speaker=f"{session}_{player}",
                                 fold=block_fold(int(session) - 1, SESSIONS_PER_FOLD, NUM_FOLDS)))
-    info = DatasetInfo(name=NAME, task="regression", root=str(Path(root).resolve()), targets=TARGETS,
+    info = DatasetInfo(name=NAME, task="regression", targets=TARGETS,
                        num_folds=NUM_FOLDS,
                        protocol="5 folds by game session (first clip-id field): 01-06, 07-12, ..., 25-30")
     return finish(info, clips)
