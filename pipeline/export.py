@@ -5,8 +5,11 @@ An exported model is a folder:
     model.safetensors   the HiCMAEClassifier state dict (float32 tensors, no pickled code)
     model_card.json     what is needed to rebuild and use it: the HiCMAEConfig, classes or targets, the task,
                         the window and preprocessing settings it was trained with, its test metrics, the hash of
-                        the processed data, the checkpoint it came from, the git commit
+                        the processed data, where it came from (the fold, or the checkpoint exported)
     README.md           the same as a short human-readable model card
+
+All three are functions of the weights and their settings (no time stamp, host or absolute path), so the same
+training gives the same folder; the MLflow run that made it records the time and the git commit.
 
 The fine-tuning stage exports every fold's best-epoch weights to ``runs/<dataset>/finetune/fold-k/model/``;
 ``hicmae export`` does the same from any fine-tuning Ray checkpoint; ``hicmae predict --model DIR`` uses one.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -57,8 +59,6 @@ def export_model(state_dict: dict[str, torch.Tensor], config: dict | HiCMAEConfi
     output per class (or target) of ``info``. ``metrics``: any JSON-able dict (e.g. the test metrics of the
     exported epoch).
     """
-    from .tracking import git_commit  # MLflow is imported only when exporting, not when predicting
-
     cfg = config_from_dict(config)
     card = {"format": FORMAT, "name": name or info.name, "dataset": info.name, "task": info.task,
             "classes": list(info.classes), "targets": list(info.targets), "config": cfg.to_dict()}
@@ -74,18 +74,17 @@ def export_model(state_dict: dict[str, torch.Tensor], config: dict | HiCMAEConfi
     card |= {"parameters": sum(p.numel() for p in net.parameters()),
              "window": (window or WindowSettings()).model_dump(),
              "preprocess": (preprocess or PreprocessSettings()).output_fingerprint(),
-             "metrics": metrics, "data_hash": data_hash, "source": source, "git_commit": git_commit(),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights_sha256": sha256_file(weights)}
+             "metrics": metrics, "data_hash": data_hash, "source": source, "weights_sha256": sha256_file(weights)}
     write_json(out_dir / CARD_FILE, card)
     atomic_write_text(out_dir / README_FILE, model_card_markdown(card, out_dir))
     return out_dir
 
 
 def export_checkpoint(checkpoint_dir: str | Path, info: DatasetInfo, out_dir: str | Path, *, data_hash: str | None,
-                      name: str | None = None, window: WindowSettings | None = None,
+                      source: str, name: str | None = None, window: WindowSettings | None = None,
                       preprocess: PreprocessSettings | None = None) -> Path:
     """Export the best-epoch weights of a fine-tuning Ray checkpoint folder (``state.pt``, and the test metrics
-    of ``test_metrics.json`` when the fold finished)."""
+    of ``test_metrics.json`` when the fold finished); ``source`` says where they came from in the card."""
     folder = Path(checkpoint_dir)
     if not (folder / CHECKPOINT_STATE).is_file():
         raise FileNotFoundError(f"{folder}: no {CHECKPOINT_STATE}; not a fine-tuning checkpoint folder")
@@ -99,7 +98,7 @@ def export_checkpoint(checkpoint_dir: str | Path, info: DatasetInfo, out_dir: st
         test = json.loads((folder / TEST_METRICS_FILE).read_text())
         metrics["test"] = test["best"]
     return export_model(best["model"], state["config"], info, metrics, data_hash, out_dir, name=name,
-                        window=window, preprocess=preprocess, source=str(folder.resolve()))
+                        window=window, preprocess=preprocess, source=source)
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[HiCMAEClassifier, dict]:
@@ -137,6 +136,13 @@ def _scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def shown_path(folder: Path) -> str:
+    """``folder`` as a README shows it: relative to the work root when inside it (as the stages export), else by
+    name (no absolute path in an output)."""
+    folder, root = Path(folder).resolve(), Layout.current().root.resolve()
+    return str(folder.relative_to(root)) if folder.is_relative_to(root) else folder.name
+
+
 def model_card_markdown(card: dict, folder: Path) -> str:
     """The README of an exported model."""
     cfg = card["config"]
@@ -158,7 +164,7 @@ def model_card_markdown(card: dict, folder: Path) -> str:
         f"frames at {card['preprocess']['fps']:g} fps ({seconds:.2f} s) + {window['audio_frames']} log-mel "
         "frames per window |",
         f"| data | processed shards sha256 `{card['data_hash']}` |",
-        f"| source | `{card['source']}` (git commit `{card['git_commit']}`) |",
+        f"| source | {card['source']} |",
         f"| weights | `{WEIGHTS_FILE}` sha256 `{card['weights_sha256']}` |",
         "",
         "## Metrics",
@@ -169,7 +175,7 @@ def model_card_markdown(card: dict, folder: Path) -> str:
         "",
         "## Use",
         "",
-        f"    hicmae predict video.mp4 --model {folder} --out result.json --preview preview.png",
+        f"    hicmae predict video.mp4 --model {shown_path(folder)} --out result.json --preview preview.png",
         "",
         "or in Python: `pipeline.predict.predict(\"video.mp4\", model=...)`; "
         "`pipeline.export.load_exported(folder)` returns the model and this card.",
@@ -203,7 +209,10 @@ def export_fold(dataset: str, params, fold: int | None = None, checkpoint: str |
     if checkpoint is None:
         checkpoint = newest_checkpoint(layout.ray_results, f"finetune-{info.name}-fold{fold}")
     settings = finetune_settings_for(training_params(params), load_dataset_config(dataset))
-    return export_checkpoint(checkpoint, info, out_dir or layout.finetune(dataset).fold(fold).model,
+    checkpoint = Path(checkpoint).resolve()
+    source = str(checkpoint.relative_to(layout.root.resolve()) if checkpoint.is_relative_to(layout.root.resolve())
+                 else checkpoint)
+    return export_checkpoint(checkpoint, info, out_dir or layout.finetune(dataset).fold(fold).model, source=source,
                              data_hash=shards_hash(verified_shards(data.processed, "run `hicmae preprocess` again"))
                              if data.processed.is_dir() else None,
                              name=f"{info.name}-fold{fold}" if fold else info.name, window=settings.window,

@@ -94,7 +94,7 @@ def load_reference_model(path: Path, size: str | None, classes: list[str] | None
             "classes": names if task == "classification" else [], "targets": names if task == "regression" else [],
             "config": cfg.to_dict(), "window": window.model_dump(),
             "preprocess": PreprocessSettings().output_fingerprint(), "metrics": {}, "data_hash": None,
-            "source": str(path), "git_commit": None}
+            "source": str(path)}
     return net.to(device).eval(), card
 
 
@@ -115,7 +115,7 @@ def names_option(classes: str | None, targets: str | None) -> tuple[list[str] | 
 
 def model_summary(card: dict) -> dict:
     """The card's identity for the result JSON (no config dump)."""
-    keys = ("name", "format", "dataset", "task", "source", "data_hash", "git_commit", "weights_sha256")
+    keys = ("name", "format", "dataset", "task", "source", "data_hash", "weights_sha256")
     return {key: card.get(key) for key in keys} | {"metrics": card.get("metrics", {})}
 
 

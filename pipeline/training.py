@@ -127,6 +127,14 @@ class TrainingTask:
 
 
 PROGRESS_METRICS = ("train/loss", "val/uar", "val/war", "val/ccc_mean", "samples_per_s")
+# Figures of how a run went rather than of what it learnt: MLflow and the progress lines get them, the outputs DVC
+# tracks (history.csv, metrics.json) do not, so that the same inputs give the same outputs.
+RUN_FIGURES = ("samples_per_s",)
+
+
+def results_only(metrics: dict) -> dict:
+    """``metrics`` without the ``RUN_FIGURES``."""
+    return {name: value for name, value in metrics.items() if name not in RUN_FIGURES}
 
 
 def progress_line(label: str, epoch: int, epochs: int, metrics: dict) -> str:
@@ -182,7 +190,7 @@ def fit(task: TrainingTask) -> None:
         state = None
         if rank == 0:
             raytrain.show(progress_line(task.label, epoch, settings.epochs, metrics))
-            history.append(metrics)
+            history.append(results_only(metrics))
             if tracker:
                 tracker.log_epoch(metrics, epoch)
             if last or task.checkpoint_due(epoch):

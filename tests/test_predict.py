@@ -41,9 +41,9 @@ def demo_clips(tmp_path_factory) -> tuple[DatasetInfo, list[ClipRecord]]:
     plans = demo.plan_clips(seed=0, speakers=5, clips_per_speaker=1)[:2]
     for plan in plans:
         demo.render_clip(plan, 0, root)
-    info = DatasetInfo(name="demo", task="classification", root=str(root), classes=demo.CLASSES)
-    clips = [ClipRecord(clip_id=p.clip, video=f"{demo.CLIP_DIR}/{p.clip}.mp4", label=demo.CLASSES.index(p.emotion))
-             for p in plans]
+    info = DatasetInfo(name="demo", task="classification", classes=demo.CLASSES)
+    clips = [ClipRecord(clip_id=p.clip, video=str(root / demo.CLIP_DIR / f"{p.clip}.mp4"),
+                        label=demo.CLASSES.index(p.emotion)) for p in plans]
     return info, clips
 
 
@@ -53,7 +53,7 @@ def fine_tuned(demo_clips, face_models, tmp_path_factory):
     each, and that model exported: (model, shard samples, export folder)."""
     info, clips = demo_clips
     with FaceDetector(face_models) as detector:
-        samples = [decode_sample(process_clip(info, clip, clip.clip_id, PreprocessSettings(), detector, {}))
+        samples = [decode_sample(process_clip(Path("/"), info, clip, clip.clip_id, PreprocessSettings(), detector, {}))
                    for clip in clips]
     batch = device_batch(collate([x for s in samples for x in finetune_eval_examples(s, 0, window=WindowSettings(),
                                                                                      views=1)]), "cpu")
@@ -75,7 +75,7 @@ def fine_tuned(demo_clips, face_models, tmp_path_factory):
 def prediction(demo_clips, fine_tuned, tmp_path_factory) -> tuple[dict, Path]:
     info, clips = demo_clips
     out = tmp_path_factory.mktemp("predict")
-    result = predict(Path(info.root) / clips[0].video, fine_tuned[2], out=out / "result.json",
+    result = predict(Path(clips[0].video), fine_tuned[2], out=out / "result.json",
                      preview=out / "preview.png")
     return result, out
 
@@ -180,23 +180,28 @@ def test_export_checkpoint_takes_the_best_epoch(fine_tuned, demo_clips, tmp_path
                 "config": net.cfg.to_dict(), "epoch": 4}, tmp_path / "state.pt")
     (tmp_path / "test_metrics.json").write_text(json.dumps({"best": {"uar": 0.6}, "last": {"uar": 0.4}}))
     folder = export_checkpoint(tmp_path, demo_clips[0], tmp_path / "model", data_hash="cd" * 32, name="demo-fold1",
-                               window=WindowSettings(sampling_rate=3))
+                               source="demo fine-tuning, test fold 1", window=WindowSettings(sampling_rate=3))
     loaded, card = load_exported(folder)
     video, audio = torch.randn(1, 3, 16, 160, 160), torch.randn(1, 1, 256, 128)
     with torch.no_grad():
         assert torch.equal(loaded(video, audio), net(video, audio))
     assert card["metrics"] == {"epoch": 2, "validation_score": 0.75, "test": {"uar": 0.6}}
     assert card["name"] == "demo-fold1" and card["window"]["sampling_rate"] == 3 and card["data_hash"] == "cd" * 32
+    again = export_checkpoint(tmp_path, demo_clips[0], tmp_path / "again" / "model", data_hash="cd" * 32,
+                              name="demo-fold1", source="demo fine-tuning, test fold 1",
+                              window=WindowSettings(sampling_rate=3))
+    for name in ("model.safetensors", "model_card.json", "README.md"):  # no time stamp, host or absolute path
+        assert (folder / name).read_bytes() == (again / name).read_bytes(), name
 
 
 def test_regression_model_predicts_target_values(demo_clips, fine_tuned, tmp_path):
     info, clips = demo_clips
     net, _, _ = fine_tuned
     targets = ["valence", "arousal", "dominance"]
-    regression = DatasetInfo(name="werewolf", task="regression", root=info.root, targets=targets)
+    regression = DatasetInfo(name="werewolf", task="regression", targets=targets)
     torch.manual_seed(1)
     folder = export_model(HiCMAEClassifier(net.cfg, 3).state_dict(), net.cfg, regression, {}, None, tmp_path / "m")
-    result = predict(Path(info.root) / clips[1].video, folder, preview=tmp_path / "preview.png")
+    result = predict(Path(clips[1].video), folder, preview=tmp_path / "preview.png")
     assert result["task"] == "regression" and result["targets"] == targets and "classes" not in result
     assert [list(w["values"]) for w in result["windows"]] == [targets] * 2 and "probabilities" not in result["clip"]
     mean = np.mean([list(w["values"].values()) for w in result["windows"]], axis=0)
@@ -256,7 +261,7 @@ def _hicmae(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_predicts_with_a_reference_checkpoint_and_writes_an_mp4(demo_clips, reference_checkpoint, prediction,
                                                                     tmp_path):
     info, clips = demo_clips
-    video = Path(info.root) / clips[0].video
+    video = Path(clips[0].video)
     done = _hicmae("predict", str(video), "--model", str(reference_checkpoint), "--size", "hicmae_tiny",
                    "--classes", "demo", "--out", "result.json", "--preview", "preview.mp4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
