@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/folds.py [--dataset demo] [--pairs 3] [--logs folds-logs/]
 
 Runs the real stage command (``hicmae finetune --dataset D``) ``--pairs`` times each way, alternating which goes
-first: ``--set finetune.concurrent_folds=1`` (one fold after another) and the default (as many folds at once as
+first: ``--set scaling.concurrent_folds=1`` (one fold after another) and the default (as many folds at once as
 the local Ray cluster holds). Needs the stage's inputs (after ``./run.sh demo``: the manifest, the shards and the
 pre-training checkpoint) and rewrites the stage's outputs, as the command does: ``dvc repro`` afterwards puts
 back what ``dvc.lock`` records.
@@ -45,7 +45,7 @@ def cpu_times() -> tuple[int, int]:
 
 def run_stage(dataset: str, concurrent: int | None, log: Path) -> dict:
     """One ``hicmae finetune`` run; its wall time, core use, epoch lines' timing and results."""
-    overrides = ["--set", f"finetune.concurrent_folds={concurrent}"] if concurrent else []
+    overrides = ["--set", f"scaling.concurrent_folds={concurrent}"] if concurrent else []
     command = [sys.executable, "-m", "pipeline.cli", *overrides, "finetune", "--dataset", dataset]
     epochs: dict[int, list[float]] = {}
     busy0, total0 = cpu_times()

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from preprocessing.errors import InputError
-from preprocessing.settings import PreprocessSettings
+from preprocessing.settings import EXECUTION_FIELDS, PreprocessSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,35 @@ class DemoSettings(Strict):
     clips_per_speaker: int = Field(10, ge=1)
 
 
+class ScalingSettings(Strict):
+    """How the stages run on the Ray cluster: the Ray Train workers of each training run, their CPUs, loader
+    processes and retries, the folds trained at once, and the preprocessing workers.
+
+    Only ``RESULT_FIELDS`` change what a stage computes: the number of workers sets the global batch (and the
+    learning rate with it), ``use_gpu`` the device and its precision (bf16 on a GPU). The others change how fast or
+    how safely a stage runs, never its result, so no DVC stage depends on them (``dvc.yaml`` lists the result
+    fields one by one; tests/test_wiring.py checks it against this class).
+    """
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) of each training run")
+    use_gpu: bool = Field(False, description="one GPU per training worker (NCCL, bf16 autocast)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each training worker claims; fractional "
+                                   "CPUs leave room for Ray Data on small machines")
+    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes of each training worker")
+    max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
+    checkpoint_every: int = Field(1, ge=1, description="pre-training epochs between checkpoints (fine-tuning "
+                                  "checkpoints every epoch); resuming is exact either way")
+    concurrent_folds: int | None = Field(None, ge=1, description="fine-tuning folds trained at once; None: as many "
+                                         "as the cluster's resources hold")
+    preprocess_workers: int | None = Field(None, ge=0, description="preprocessing worker processes on Ray Data "
+                                           "(each holds a face detector); None: one per CPU of the cluster; 0: no "
+                                           "Ray, in the stage's own process")
+    preprocess_cpus: float = Field(0.5, gt=0, description="Ray CPUs each preprocessing worker claims")
+
+
+RESULT_FIELDS = ("num_workers", "use_gpu")  # the fields of ScalingSettings that change a stage's result
+
+
 class DataParams(Strict):
     """``params.yaml`` with the sections every stage reads checked; the training sections (checked by
     ``pipeline.settings.Params``, a subclass) are kept as given."""
@@ -58,11 +87,31 @@ class DataParams(Strict):
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     pretrain: dict[str, Any] = Field(default_factory=dict, description="pipeline.settings.PretrainSettings")
     finetune: dict[str, Any] = Field(default_factory=dict, description="pipeline.settings.FinetuneSettings")
-    scaling: dict[str, Any] = Field(default_factory=dict, description="pipeline.settings.ScalingSettings")
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     experiment: str = "hicmae"
     variant: str = Field("baseline", min_length=1,
                          description="this configuration's name, tagged on every MLflow run (ablations set it)")
     _source: str = PrivateAttr("params.yaml")  # the file these values were read from, for error messages
+
+    @field_validator("preprocess")
+    @classmethod
+    def _results_only(cls, preprocess: PreprocessSettings) -> PreprocessSettings:
+        """The ``preprocess`` section holds what changes the shards; how preprocessing runs is set elsewhere, so
+        that changing it re-runs nothing."""
+        where = {"workers": "scaling.preprocess_workers", "cpus_per_worker": "scaling.preprocess_cpus",
+                 "use_ray": "scaling.preprocess_workers (0: no Ray)", "face_models": "$HICMAE_FACE_MODELS",
+                 "progress": "nothing (progress always shows)"}
+        misplaced = sorted(preprocess.model_fields_set & EXECUTION_FIELDS)
+        if misplaced:
+            raise ValueError("; ".join(f"{name} says how preprocessing runs, not what it makes: set {where[name]}"
+                                       for name in misplaced))
+        return preprocess
+
+    def preprocess_settings(self) -> PreprocessSettings:
+        """The ``preprocess`` section with how it runs from ``scaling``."""
+        workers = self.scaling.preprocess_workers
+        return self.preprocess.model_copy(update={"workers": workers or None, "use_ray": workers != 0,
+                                                  "cpus_per_worker": self.scaling.preprocess_cpus})
 
     def dataset(self, name: str) -> DatasetEntry:
         """The entry of a dataset listed under ``datasets``; a ConfigError for one that is not listed."""

@@ -25,7 +25,7 @@ from preprocessing.settings import PreprocessSettings
 from preprocessing.shard_index import ShardIndex
 
 from . import raytrain, tracking
-from .config import DataParams, load_dataset_config
+from .config import DataParams, ScalingSettings, load_dataset_config
 from .data import clip_catalog, shards_hash, verified_shards
 from .export import export_checkpoint
 from .finetune import finetune_worker
@@ -35,7 +35,6 @@ from .plots import confusion_matrix_figure, save_figure
 from .settings import (
     FinetuneSettings,
     Params,
-    ScalingSettings,
     WindowSettings,
     finetune_settings_for,
     training_params,
@@ -92,6 +91,7 @@ class FoldJob:
             for name in FOLD_RESULT_FILES:
                 atomic_write_bytes(fold_run.file(name), (Path(folder) / name).read_bytes())
             export_checkpoint(folder, self.info, fold_run.model, data_hash=self.data_hash,
+                              source=f"{self.info.name} fine-tuning, test fold {fold}, best epoch",
                               name=f"{self.info.name}-fold{fold}", window=self.window, preprocess=self.preprocess)
         test = json.loads(fold_run.test_metrics.read_text())
         print(f"{self.info.name} fold {fold} done: best epoch {test['best_epoch']}", flush=True)
@@ -100,7 +100,7 @@ class FoldJob:
 def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, dataset: str, shards: list[ShardIndex],
               init: str | None, tracker_for_fold=None) -> tuple[dict[int, dict], dict[int, str]]:
     """Fine-tune every configured fold on ``shards`` (``data.verified_shards``), as many at once as the cluster's
-    resources hold for ``params.scaling`` (at most ``settings.concurrent_folds``); each writes its files and its
+    resources hold for ``params.scaling`` (at most ``scaling.concurrent_folds``); each writes its files and its
     best model exported to ``fold-k/model/``. Returns the test metrics of the folds that finished and the error of
     each that failed (after Ray Train's retries), by fold."""
     info, clips = read_manifest(layout.data(dataset).manifest)
@@ -112,7 +112,7 @@ def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, datase
     out = layout.finetune(dataset)
     job = FoldJob(configs, info, params.scaling, out, layout.ray_results, shards_hash(shards), settings.window,
                   params.preprocess)
-    limit = raytrain.runs_that_fit(params.scaling, settings.concurrent_folds)
+    limit = raytrain.runs_that_fit(params.scaling, params.scaling.concurrent_folds)
     print(f"{dataset}: fine-tuning {len(folds)} folds, {min(limit, len(folds))} at a time", flush=True)
     failed = raytrain.run_concurrently(job, folds, limit=limit)
     return {fold: json.loads(out.fold(fold).test_metrics.read_text()) for fold in folds if fold not in failed}, failed

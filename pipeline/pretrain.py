@@ -26,7 +26,7 @@ from .examples import pretrain_examples
 from .layout import HISTORY_FILE, Layout, require
 from .optim import optimizer_step, steps_per_epoch
 from .settings import Params, PretrainSettings, training_params
-from .training import TrainData, TrainingTask, autocast, fit
+from .training import TrainData, TrainingTask, autocast, fit, results_only
 
 LOSS_KEYS = ("loss", "loss_video", "loss_audio", "loss_contrastive")
 
@@ -42,7 +42,8 @@ def train_step(net, batch: dict, optimizer, clip_grad: float | None, precision: 
 
 
 class PretrainTask(TrainingTask):
-    """Masked audio-visual autoencoding with the contrastive loss; a checkpoint every ``checkpoint_every``."""
+    """Masked audio-visual autoencoding with the contrastive loss; a checkpoint every ``scaling.checkpoint_every``
+    epochs."""
 
     loss_names = LOSS_KEYS
 
@@ -69,7 +70,7 @@ class PretrainTask(TrainingTask):
         return train_step(net, batch, optimizer, self.settings.optim.clip_grad)
 
     def checkpoint_due(self, epoch: int) -> bool:
-        return (epoch + 1) % self.settings.checkpoint_every == 0
+        return (epoch + 1) % self.config["checkpoint_every"] == 0
 
 
 def pretrain_worker(config: dict) -> None:
@@ -77,26 +78,28 @@ def pretrain_worker(config: dict) -> None:
     fit(PretrainTask(config))
 
 
-def pretrain_config(settings: PretrainSettings, shards: list[ShardIndex], loader_workers: int, tracker=None) -> dict:
+def pretrain_config(settings: PretrainSettings, shards: list[ShardIndex], loader_workers: int, tracker=None,
+                    checkpoint_every: int = 1) -> dict:
     """What the Ray Train workers get (``PretrainTask``): the shards to stream and how many clips they hold."""
     return {"settings": settings.model_dump(mode="json"), "shards": [shard.path for shard in shards],
             "num_clips": sum(len(shard.samples) for shard in shards), "loader_workers": loader_workers,
-            "tracker": tracker}
+            "tracker": tracker, "checkpoint_every": checkpoint_every}
 
 
 def run_pretrain(params: Params, layout: Layout, shards: list[ShardIndex], tracker=None) -> dict:
     """Pre-train on ``shards`` (``data.verified_shards``); writes runs/pretrain/ and returns the last metrics."""
-    config = pretrain_config(params.pretrain, shards, params.scaling.loader_workers, tracker)
+    config = pretrain_config(params.pretrain, shards, params.scaling.loader_workers, tracker,
+                             params.scaling.checkpoint_every)
     result = raytrain.run_trainer(pretrain_worker, config, params.scaling, name=f"pretrain-{params.pretrain.dataset}",
                                   storage=layout.ray_results)
     state = raytrain.load_result_state(result)
     out = layout.pretrain
-    with atomic_path(out.checkpoint) as tmp:
-        torch.save({"model": state["model"], "config": state["config"], "epoch": state["epoch"]}, tmp)
+    with atomic_path(out.checkpoint) as tmp, open(tmp, "wb") as file:  # a file object: no temp name inside
+        torch.save({"model": state["model"], "config": state["config"], "epoch": state["epoch"]}, file)
     with result.checkpoint.as_directory() as folder:
         atomic_write_bytes(out.history, (Path(folder) / HISTORY_FILE).read_bytes())
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    write_json(out.metrics, metrics)
+    write_json(out.metrics, results_only(metrics))
     return metrics
 
 

@@ -67,16 +67,6 @@ class OptimSettings(Strict):
     clip_grad: float | None = Field(None, gt=0)
 
 
-class ScalingSettings(Strict):
-    """Ray Train workers. Fractional CPUs leave room for Ray Data on small machines."""
-
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
-    max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
-    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes of each training worker")
-
-
 class PretrainSettings(Strict):
     dataset: str = "demo"
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -84,7 +74,6 @@ class PretrainSettings(Strict):
     optim: OptimSettings = Field(default_factory=lambda: OptimSettings(lr=3e-4, min_lr=1e-5, betas=(0.9, 0.95)))
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(40, ge=1, description="per worker")
-    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     shuffle_buffer: int = Field(256, ge=0, description="clips each loader worker mixes, still packed (JPEG)")
     seed: int = 0
 
@@ -101,8 +90,6 @@ class FinetuneSettings(Strict):
     protocol: Literal["clean", "reference"] = "clean"
     val_fraction: float = Field(0.1, ge=0, lt=1, description="training-fold speakers held out (clean protocol)")
     folds: list[int] = Field(default_factory=list, description="test folds to run; empty = all")
-    concurrent_folds: int | None = Field(None, ge=1, description="folds trained at once; None: as many as the "
-                                         "cluster's resources hold for the configured scaling")
     test_views: int = Field(2, ge=1, description="temporal views averaged per clip at test time")
     seed: int = 0
 
@@ -112,14 +99,13 @@ class Params(DataParams):
 
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
-    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
 
 def training_params(params: DataParams) -> Params:
     """``params`` with its training sections checked (a ConfigError naming the file and key otherwise)."""
     if isinstance(params, Params):
         return params
-    checked = validate(Params, params.model_dump(), params._source)
+    checked = validate(Params, params.model_dump(exclude_unset=True), params._source)
     checked._source = params._source
     return checked
 

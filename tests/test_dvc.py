@@ -8,24 +8,28 @@ drives the project's own `dvc` against a real `mlflow server`; the project's che
 import csv
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from dvc_project import (
+    ALL_STAGES,
+    DATASET,
+    VENV_BIN,
+    Project,
+    copy_project,
+    kill_leftovers,
+    project_env,
+    ran,
+    shrink_params,
+)
 
 from pipeline.ablations import check_ablations, load_ablations, overrides
 from pipeline.config import PROJECT_ROOT, load_params
 from pipeline.settings import training_params
 
-VENV_BIN = Path(sys.executable).parent
-DATASET = "demo"
 EXPERIMENT = "dvc-e2e"
-ALL_STAGES = ["demo_data", "manifest@demo", "preprocess@demo", "pretrain", "finetune@demo", "report"]
 
 
 # --- the ablation definitions (fast) -----------------------------------------------------------------------
@@ -64,90 +68,14 @@ def test_an_ablation_of_a_missing_key_is_refused_with_its_name(tmp_path):
 
 # --- the DAG and the experiments (slow) -------------------------------------------------------------------
 
-def copy_project(dest: Path) -> None:
-    """The project's files as git sees them (tracked, and new files not ignored) into ``dest``."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
-    for relative in filter(None, listed.split("\0")):
-        source = PROJECT_ROOT / relative
-        if source.is_file():
-            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / relative)
-
-
-def shrink_params(path: Path) -> None:
-    """The project's params.yaml, every key kept, scaled down to seconds: 5 speakers x 2 clips, one fold."""
-    tree = yaml.safe_load(path.read_text())
-    tree["demo"] = {"seed": 0, "speakers": 5, "clips_per_speaker": 2}
-    tree["experiment"] = EXPERIMENT
-    tree["preprocess"].update(shard_size=8, use_ray=False)  # Ray Data is tested in test_pipeline.py
-    demo_model = tree["anchors"]["model_demo"]
-    for section in ("pretrain", "finetune"):  # the test size in place of the demo's; each section's switches stay
-        model = tree[section]["model"]
-        model["size"] = "hicmae_test"
-        model["overrides"] = {key: value for key, value in model["overrides"].items() if key not in demo_model}
-    tree["pretrain"].update(epochs=1, batch_size=4, optim={"warmup_epochs": 0})
-    tree["finetune"].update(epochs=1, batch_size=4, folds=[1], test_views=1,
-                            optim={"warmup_epochs": 0, "layer_decay": 0.75})
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-
-
-class Project:
-    """A git + DVC copy of the project; commands run in it with the project's environment."""
-
-    def __init__(self, root: Path, env: dict):
-        self.root, self.env = root, env
-
-    def run(self, *command: str) -> str:
-        result = subprocess.run(command, cwd=self.root, env=self.env, capture_output=True, text=True)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{output[-6000:]}"
-        return output
-
-    def dvc(self, *args: str) -> str:
-        return self.run(str(VENV_BIN / "dvc"), *args)
-
-    def commit(self, message: str) -> None:
-        self.run("git", "add", "-A")
-        self.run("git", "commit", "-q", "-m", message)
-
-
-def ran(output: str) -> set[str]:
-    """The stages a `dvc repro` / `dvc exp run` output says it ran."""
-    return {stage for stage in ALL_STAGES if f"Running stage '{stage}'" in output}
-
-
-def kill_leftovers(root: Path) -> None:
-    """Stop processes this test started in the copy that outlived their command (none expected)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            in_copy = os.readlink(proc / "cwd").startswith(str(root))
-        except OSError:
-            continue
-        if in_copy:
-            os.kill(int(proc.name), signal.SIGTERM)
-
-
 @pytest.fixture
 def project(tmp_path, mlflow_server):
     if shutil.which("git") is None or not (VENV_BIN / "dvc").exists():
         pytest.skip("needs git and the project's dvc")
     root = tmp_path / "project"
     copy_project(root)
-    shrink_params(root / "params.yaml")
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("HICMAE_WORKDIR", "RAY_ADDRESS", "PYTHONPATH") and not key.startswith("DVC_")}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=mlflow_server.url,
-               DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"),
-               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
-               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
-    copy = Project(root, env)
-    copy.run("git", "init", "-q", "-b", "main")
-    copy.run("git", "config", "user.name", "test")
-    copy.run("git", "config", "user.email", "test@example.com")
-    copy.commit("tiny demo")
+    shrink_params(root / "params.yaml", EXPERIMENT)
+    copy = Project.init(root, project_env(tmp_path, mlflow_server.url))
     try:
         yield copy
     finally:

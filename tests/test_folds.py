@@ -34,10 +34,10 @@ def prepared(tmp_path_factory, mlflow_server):
     generate_demo(root / "raw", seed=0, speakers=5, clips_per_speaker=3)
     params = {
         "datasets": {"demo": {"root": str(root / "raw")}},
-        "preprocess": {"shard_size": 8, "use_ray": False, "progress": False},
+        "preprocess": {"shard_size": 8},
         "finetune": {"model": {"size": "hicmae_test"}, "init": "none", "epochs": EPOCHS, "batch_size": 4,
                      "folds": list(FOLDS), "optim": {"warmup_epochs": 0}},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1, "preprocess_workers": 0},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run_cli(root, mlflow_server, "manifest", "--dataset", "demo")
@@ -95,7 +95,7 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path):
 
 def test_folds_side_by_side_equal_one_at_a_time_and_a_killed_fold_resumes(prepared, mlflow_server, tmp_path,
                                                                          kill_worker_after_checkpoint, capsys):
-    alone = finetune(prepared, tmp_path / "alone", mlflow_server, "--set", "finetune.concurrent_folds=1",
+    alone = finetune(prepared, tmp_path / "alone", mlflow_server, "--set", "scaling.concurrent_folds=1",
                      "--set", "experiment=folds-alone")
     output = "".join(capsys.readouterr())  # the workers' lines: stdout and stderr
     assert "fine-tuning 2 folds, 1 at a time" in output

@@ -20,12 +20,12 @@ def write_params(path: Path, raw: Path, **sections) -> Path:
     params = {
         "datasets": {"demo": {"root": str(raw)}},
         "experiment": "e2e",
-        "preprocess": {"shard_size": 8, "workers": 2},
+        "preprocess": {"shard_size": 8},
         "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": 1, "batch_size": 4,
                      "optim": {"warmup_epochs": 0}},
         "finetune": {"model": {"size": "hicmae_test"}, "epochs": 2, "batch_size": 4, "folds": [1, 2],
                      "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},  # DDP on gloo, as a cluster runs it
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_workers": 2},  # DDP on gloo, as a cluster
         **sections,
     }
     path.write_text(yaml.safe_dump(params))

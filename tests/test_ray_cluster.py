@@ -148,10 +148,11 @@ def write_params(path: Path, raw: Path) -> Path:
     params = {
         "datasets": {"demo": {"root": str(raw)}},
         "experiment": EXPERIMENT,
-        "preprocess": {"shard_size": 5, "use_ray": False, "progress": False},
+        "preprocess": {"shard_size": 5},
         "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": PRETRAIN_EPOCHS, "batch_size": 4,
-                     "checkpoint_every": 1, "optim": {"warmup_epochs": 1}},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1},  # DDP: one of the 2 gets killed
+                     "optim": {"warmup_epochs": 1}},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1,  # DDP: one of the 2 gets killed
+                    "checkpoint_every": 1, "preprocess_workers": 0},
     }
     path.write_text(yaml.safe_dump(params))
     return path

@@ -142,7 +142,7 @@ def test_every_code_dependency_exists():
 
 def test_the_dependency_check_sees_lazy_and_registry_imports():
     assert "pipeline.export" in closure("pipeline.folds")                   # direct
-    assert "pipeline.tracking" in imports_of("pipeline.export")             # function-level import
+    assert "pipeline.tracking" in imports_of("pipeline.pretrain")           # function-level import
     assert "preprocessing.datasets.crema_d" in closure("pipeline.prepare")  # through build_manifest
     assert "preprocessing.datasets.crema_d" not in closure("preprocessing.datasets.demo")
     assert "pipeline.folds" not in closure("pipeline.cli")                  # imported by name, when run
@@ -194,3 +194,21 @@ def test_layers_import_only_what_design_allows():
                        for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
                                                    if isinstance(node, ast.ImportFrom) and not node.level}
         assert third_party <= {"torch", "__future__", *sys.stdlib_module_names, "model"}, f"{path}: {third_party}"
+
+
+def test_stages_depend_on_the_params_that_change_their_results():
+    """A training stage depends on its own section and the scaling fields that change results (the global batch,
+    the device), not on how it runs (CPUs, loader processes, retries, folds at once); params.yaml holds each of
+    them (DVC needs a listed key to exist)."""
+    from pipeline.config import RESULT_FIELDS, ScalingSettings
+
+    stages = dvc_stages()
+    params_file = yaml.safe_load((ROOT / "params.yaml").read_text())
+    result_keys = {f"scaling.{name}" for name in RESULT_FIELDS}
+    for name, section in (("pretrain", "pretrain"), ("finetune", "finetune")):
+        assert set(stages[name]["params"]) == {section} | result_keys, name
+    assert stages["preprocess"]["params"] == ["preprocess"]
+    assert "params" not in stages["manifest"] and "params" not in stages["report"]  # roots and names: not results
+    assert result_keys <= {f"scaling.{key}" for key in params_file["scaling"]}
+    run_only = set(ScalingSettings.model_fields) - set(RESULT_FIELDS)
+    assert {"cpus_per_worker", "loader_workers", "max_failures", "concurrent_folds"} <= run_only
