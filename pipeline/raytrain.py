@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from preprocessing.ray_runtime import start_ray
+from preprocessing.ray_runtime import on_loopback, start_ray
 
+from .config import ScalingSettings
 from .layout import CHECKPOINT_STATE
-from .settings import ScalingSettings
 
 # Ray folds lines of several processes that differ only in their numbers into one "[repeated Nx across cluster]",
 # which would hide the progress of all but one of the folds trained side by side. Lines that match this are never
@@ -44,13 +44,16 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
     delays every run's start by seconds of CPU. The workers unpickle it (``_unpack``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .rendezvous import LoopbackTorchConfig
 
     start_ray(log_to_driver=True)
     name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = TorchTrainer(
         partial(_unpack, loop),
         train_loop_config={"pickled": pickle.dumps(loop_config)},
+        torch_config=LoopbackTorchConfig() if on_loopback() else TorchConfig(),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),

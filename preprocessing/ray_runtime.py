@@ -1,8 +1,23 @@
-"""Starting Ray the same way for every stage: a cluster when ``RAY_ADDRESS`` is set, else local on loopback."""
+"""Starting Ray the same way for every stage: a cluster when ``RAY_ADDRESS`` is set, else local on loopback.
+
+A local Ray is local: every server it starts (GCS, raylet, object manager, each worker's gRPC server, the dashboard
+and its agents) listens on 127.0.0.1 only. Ray on Linux replaces a loopback node address with the machine's
+network address, so that other nodes could join; with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's switch for
+single-machine use, its default on Windows and macOS) it keeps 127.0.0.1 and binds there. Ray reads the switch
+when it is imported, so this module sets it at import, before any stage imports Ray, and only when no cluster is
+named. Token authentication stays on as Ray sets it. The training runs' process groups keep to loopback too: gloo
+and NCCL on the ``lo`` interface, and their rendezvous store on 127.0.0.1 (``pipeline.rendezvous``).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+
+SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault(SINGLE_MACHINE, "0")
 
 
 def start_ray(log_to_driver: bool = False) -> bool:
@@ -18,6 +33,15 @@ def start_ray(log_to_driver: bool = False) -> bool:
         # preemption watcher (an actor per run, polling for cloud nodes being reclaimed) has nothing to watch on one
         # machine; the processes Ray starts inherit this environment.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # the collectives' sockets: loopback
+            os.environ.setdefault(variable, "lo")
         ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=log_to_driver, configure_logging=False)
     return True
+
+
+def on_loopback() -> bool:
+    """Whether the Ray this process is connected to runs on loopback (a local Ray started by ``start_ray``)."""
+    import ray
+
+    return ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback

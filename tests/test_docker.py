@@ -56,6 +56,13 @@ def test_compose_services_share_storage_and_tracking():
     assert "/shared/" in services["mlflow"]["command"]  # artifacts on the volume the nodes also mount
 
 
+def test_unauthenticated_services_are_published_on_the_hosts_loopback_only():
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    published = {name: service.get("ports", []) for name, service in services.items()}
+    assert published == {"postgres": [], "mlflow": ["127.0.0.1:5000:5000"], "ray-head": ["127.0.0.1:8265:8265"],
+                         "ray-worker": []}
+
+
 def test_dockerfile_copies_only_files_that_exist():
     sources = re.findall(r"^COPY (?!--from)(\S+)", (DOCKER / "Dockerfile").read_text(), flags=re.MULTILINE)
     assert sources
