@@ -34,7 +34,8 @@ def random_mask(batch: int, num_tokens: int, ratio: float,
 
 def mask_to_ids(mask: torch.Tensor, num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) bool mask -> (ids_visible (B, N - num_masked), ids_masked (B, num_masked)), each ascending."""
-    if mask.device.type == "cpu":  # free check; on an accelerator it would cost a sync per step
+    # A free check on a CPU; on an accelerator it would cost a sync per step, and in a compiled graph a graph break.
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
         counts = mask.sum(dim=1)
         if not bool((counts == num_masked).all()):
             raise ValueError(f"every sample must have {num_masked} masked tokens, got {counts.tolist()}")
