@@ -130,6 +130,18 @@ def test_train_step_benchmark_reports_throughput_and_exact_flops(train_step, tmp
         assert row["tflops"] == pytest.approx(row["mfu"] * result["peak_tflops"])
 
 
+def test_train_step_benchmark_counts_ops_by_phase(train_step, tmp_path):
+    out = tmp_path / "ops.json"
+    result = train_step.main(["--tiny", "--sizes", "hicmae_tiny", "--count-ops", "--json", str(out), *TINY_BATCHES])
+    rows = result["op_counts"]
+    assert json.loads(out.read_text())["op_counts"] == rows
+    assert [(r["stage"], r["batch"], r["fused_adamw"]) for r in rows] == [("pretrain", 2, True), ("finetune", 2, True)]
+    for row in rows:
+        assert row["transforms"] + row["forward_backward"] + row["optimizer"] == row["total"]
+        assert row["forward_backward"] > 1000 > row["transforms"] > 0   # a backward through every block
+        assert 0 < row["optimizer"] < 100  # fused AdamW: a few ops per parameter group, not per parameter
+
+
 @pytest.mark.parametrize(("stage", "batch", "gflop"), [("pretrain", 40, 89.535), ("finetune", 14, 275.356)])
 def test_base_flops_per_sample_counted_and_by_hand(train_step, stage, batch, gflop):
     """HiCMAE-B: 89.5 GFLOP per pre-training sample, 275.4 per fine-tuning sample (forward + backward)."""
