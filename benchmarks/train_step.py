@@ -436,14 +436,15 @@ def count_step_ops(step: Step, batch: dict) -> dict:
 
 
 def op_count_row(stage: str, size: str, overrides: dict, batch: int, opts: Options) -> dict:
-    """One (stage, size, batch) case counted on ``opts.device`` after one warm-up step (AdamW creates its state
-    in its first step). AdamW is fused unless ``opts.fused_adamw`` is False: what a GPU runs."""
+    """One (stage, size, batch) case counted on ``opts.device`` after ``opts.warmup`` steps (one is enough: AdamW
+    creates its state in its first). AdamW is fused unless ``opts.fused_adamw`` is False: what a GPU runs."""
     settings = stage_settings(stage, size, overrides)
     cfg = model_config(settings)
     loaded = loader_batch(stage, cfg, batch, np.random.default_rng(opts.seed))
     fused = opts.fused_adamw is not False
     step = make_step(stage, settings, cfg, batch, opts.device, opts.precision, fused, None, opts.seed)
-    step.run(loaded)
+    for _ in range(opts.warmup):
+        step.run(loaded)
     counts = count_step_ops(step, loaded)
     return {"stage": stage, "size": size, "batch": batch, "precision": opts.precision, "fused_adamw": fused,
             **counts}
@@ -526,8 +527,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"max relative difference {100 * row['max_relative_difference']:.3f} %", flush=True)
                 result["numerics"].append(row)
     elif args.count_ops:
-        opts = Options(device, args.dtype, {"auto": None, "on": True, "off": False}[args.fused_adamw], None, 0, 1,
-                       args.seed)
+        opts = Options(device, args.dtype, {"auto": None, "on": True, "off": False}[args.fused_adamw],
+                       compile_mode=None, warmup=1, steps=1, seed=args.seed)
         print(f"aten ops per training step on {device.type} ({args.dtype}, "
               f"{'foreach' if opts.fused_adamw is False else 'fused'} AdamW):\n{OP_COUNT_COLUMNS}", flush=True)
         result["op_counts"] = []
