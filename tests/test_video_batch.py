@@ -33,8 +33,8 @@ STD = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
 GREY_LEVEL = 1 / 255 / STD
 PRETRAIN_MAX_LEVELS, PRETRAIN_MEAN_LEVELS = 1.0, 1 / 3
 # The batch's crops are resized by grid_sample, the former per-clip code resized them with F.interpolate: the same
-# positions, rounded differently. grid_sample computes a position from its float32 coordinate in [-1, 1] as
-# ((g + 1) * W - 1) / 2, rounding at values up to 2W: up to ~2.2e-5 pixels off on a 160-pixel side, on each axis;
+# positions, rounded differently. grid_sample computes each position back from a float32 coordinate in [-1, 1]
+# (((g + 1) * W - 1) / 2 on a GPU), rounding at values up to 2W: ~2.2e-5 pixels off at most on a 160-pixel side;
 # times the largest step between neighbouring pixels after normalisation (1 / 0.225 = 4.4), on two axes: 2e-4.
 # Measured on uniform noise frames (the steepest there are): at most 1e-4. For scale: a grey level is 0.0175, and
 # bf16 autocast rounds these values by up to 0.008.
