@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/train_step.py --sizes hicmae_base --best-batch --compile
     .venv/bin/python benchmarks/train_step.py --tiny --steps 10        # a few seconds on a CPU
     .venv/bin/python benchmarks/train_step.py --tiny --check-numerics  # bf16 vs float32 losses
+    .venv/bin/python benchmarks/train_step.py --tiny --count-ops       # aten ops per step, by phase
 
 The step is the training loops' own ``train_step`` (pipeline/pretrain.py, pipeline/finetune.py): forward
 with every loss, backward, AdamW from ``build_optimizer`` at the peak learning rate, under
@@ -19,6 +20,12 @@ a GPU (perf_counter on a CPU). FLOPs per sample are counted by ``torch.utils.flo
 on one forward + backward on the meta device (where attention decomposes into counted matmuls; on a CPU the
 fused attention kernel is not counted) and checked against ``analytic_flops``. MFU = achieved FLOP/s /
 peak, the peak being a bf16 ``--peak-size``^3 matmul measured in the same run (float32 on a CPU).
+
+``--count-ops`` times nothing: it counts the aten ops one step dispatches (``pipeline.op_count``, a proxy for
+kernel launches that needs no GPU), after one warm-up step, split into the device transforms (``device_batch``),
+the optimizer (what runs inside ``optimizer.step()``: AdamW, fused as on a GPU unless ``--fused-adamw off``) and
+forward + backward (the rest of the stage's ``train_step``: forward with the losses, backward, gradient clipping,
+the returned losses). Counted on a CPU, the host-to-device copies of a GPU do not show (a few ops per step).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pipeline import finetune, pretrain  # noqa: E402
 from pipeline.augment import AugmentConfig, train_video_fields  # noqa: E402
 from pipeline.data import collate  # noqa: E402
 from pipeline.examples import multi_scale_crop  # noqa: E402
+from pipeline.op_count import OpCounter  # noqa: E402
 from pipeline.optim import build_optimizer, scaled_lrs, set_lr  # noqa: E402
 from pipeline.settings import FinetuneSettings, ModelSettings, PretrainSettings  # noqa: E402
 from pipeline.video_batch import device_batch, video_fields  # noqa: E402
@@ -112,11 +120,16 @@ def pinned(batch: dict, device: torch.device) -> dict:
 
 @dataclass
 class Step:
-    """One configured training step: ``run(batch)`` moves a loader batch to the device, trains on it and returns
-    the detached losses."""
+    """One configured training step: ``train(batch)`` trains on a batch already on ``device`` and returns the
+    detached losses; ``run(batch)`` first moves a loader batch there, as the training loop does."""
 
     model: torch.nn.Module
-    run: Callable[[dict], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    train: Callable[[dict], torch.Tensor]
+    device: torch.device
+
+    def run(self, batch: dict) -> torch.Tensor:
+        return self.train(device_batch(batch, self.device))
 
 
 def make_step(stage: str, settings, cfg: HiCMAEConfig, batch: int, device: torch.device, precision: str,
@@ -133,7 +146,7 @@ def make_step(stage: str, settings, cfg: HiCMAEConfig, batch: int, device: torch
     else:
         train = partial(finetune.train_step, net, optimizer=optimizer, info=INFO, settings=settings,
                         rng=np.random.default_rng(seed), precision=precision)
-    return Step(model, lambda batch: train(device_batch(batch, device)))
+    return Step(model, optimizer, train, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -392,6 +405,60 @@ def check_numerics(stage: str, size: str, overrides: dict, batch: int, steps: in
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Op counts.
+
+
+def count_step_ops(step: Step, batch: dict) -> dict:
+    """Aten ops of one step on a loader batch (``step.run``), by phase: ``transforms`` (``device_batch``),
+    ``optimizer`` (inside ``optimizer.step()``: AdamW) and ``forward_backward`` (the rest of the stage's
+    ``train_step``: forward with the losses, backward, gradient clipping, the returned losses)."""
+    counter = OpCounter()
+    marks = {}
+
+    def mark(name: str) -> Callable:
+        def hook(*_) -> None:
+            marks[name] = counter.ops
+        return hook
+
+    hooks = [step.optimizer.register_step_pre_hook(mark("optimizer")),
+             step.optimizer.register_step_post_hook(mark("optimized"))]
+    try:
+        with counter:
+            ready = device_batch(batch, step.device)
+            marks["transforms"] = counter.ops
+            step.train(ready)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    optimizer = marks["optimized"] - marks["optimizer"]
+    return {"transforms": marks["transforms"], "forward_backward": counter.ops - marks["transforms"] - optimizer,
+            "optimizer": optimizer, "total": counter.ops}
+
+
+def op_count_row(stage: str, size: str, overrides: dict, batch: int, opts: Options) -> dict:
+    """One (stage, size, batch) case counted on ``opts.device`` after ``opts.warmup`` steps (one is enough: AdamW
+    creates its state in its first). AdamW is fused unless ``opts.fused_adamw`` is False: what a GPU runs."""
+    settings = stage_settings(stage, size, overrides)
+    cfg = model_config(settings)
+    loaded = loader_batch(stage, cfg, batch, np.random.default_rng(opts.seed))
+    fused = opts.fused_adamw is not False
+    step = make_step(stage, settings, cfg, batch, opts.device, opts.precision, fused, None, opts.seed)
+    for _ in range(opts.warmup):
+        step.run(loaded)
+    counts = count_step_ops(step, loaded)
+    return {"stage": stage, "size": size, "batch": batch, "precision": opts.precision, "fused_adamw": fused,
+            **counts}
+
+
+OP_COUNT_COLUMNS = "  stage    size          batch  transforms  forward+backward  optimizer   total"
+
+
+def print_op_counts(row: dict) -> None:
+    print(f"  {row['stage']:<8} {row['size']:<13} {row['batch']:>5}  {row['transforms']:>10}  "
+          f"{row['forward_backward']:>16}  {row['optimizer']:>9}  {row['total']:>6}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Entry point.
 
 
@@ -430,6 +497,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-numerics", action="store_true",
                         help="instead of timing: bf16 vs float32 losses of the first --numerics-steps steps")
     parser.add_argument("--numerics-steps", type=int, default=20)
+    parser.add_argument("--count-ops", action="store_true",
+                        help="instead of timing: aten ops dispatched per step, by phase (no GPU needed)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -457,6 +526,17 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {stage:<8} {size:<13} batch {row['batch']}: {row['steps']} steps, bf16 vs float32 loss: "
                       f"max relative difference {100 * row['max_relative_difference']:.3f} %", flush=True)
                 result["numerics"].append(row)
+    elif args.count_ops:
+        opts = Options(device, args.dtype, {"auto": None, "on": True, "off": False}[args.fused_adamw],
+                       compile_mode=None, warmup=1, steps=1, seed=args.seed)
+        print(f"aten ops per training step on {device.type} ({args.dtype}, "
+              f"{'foreach' if opts.fused_adamw is False else 'fused'} AdamW):\n{OP_COUNT_COLUMNS}", flush=True)
+        result["op_counts"] = []
+        for size in args.sizes:
+            for stage in args.stages:
+                row = op_count_row(stage, size, overrides, batches[stage], opts)
+                print_op_counts(row)
+                result["op_counts"].append(row)
     else:
         opts = Options(device, args.dtype, {"auto": None, "on": True, "off": False}[args.fused_adamw],
                        args.compile, args.warmup, args.steps, args.seed)

@@ -6,14 +6,33 @@ quarter of the float32 video), with the clip's ``Geometry`` drawn from the examp
 fine-tuning's random resized crop; the whole frame otherwise), a horizontal flip, and a box to fill with per-pixel
 N(0, 1) noise, with the seed of that noise (fine-tuning's random erasing).
 
-``video_to_model`` does the rest on the training device, batched: cast, ImageNet normalisation, crop and resize
-(bilinear, half-pixel centres, no antialiasing), flip, erasing -> (B, 3, T, H, W) float32, the model's input.
+``video_to_model`` does the rest on the training device, for the whole batch at once in a fixed number of ops
+whatever its size (about one kernel launch each on a GPU), in the reference's order -> (B, 3, T, H, W) float32,
+the model's input:
+
+1. cast and ImageNet normalisation;
+2. every clip's crop resized back to the frame's size in one bilinear ``grid_sample``, sampling where
+   ``F.interpolate(align_corners=False)`` samples when it resizes the crop (half-pixel centres, clamped to the
+   box's edge pixels, no antialiasing): equal to it within the float32 rounding of those positions
+   (tests/test_video_batch.py states the tolerance);
+3. every flip in one ``gather`` (exact);
+4. every erasing box in one ``torch.where``.
+
+What no clip of a batch needs is skipped, decided on the host from the geometry (a host tensor: reading it costs
+no device sync): evaluation batches are only cast and normalised, pre-training's are neither flipped nor erased.
+
+Erasing noise is per-pixel N(0, 1), fresh for every frame and channel, drawn in one call for the whole batch from
+one generator on the device, seeded with a hash of the batch's noise seeds (``batch_noise``). So a batch's noise
+is a function of its clips, and a resumed run draws it again exactly (batches are functions of the seed, epoch and
+rank); a clip's noise depends on the batch it is in, not on its own seed alone.
+
 ``device_batch`` moves a whole loader batch that way; every path from a loader to the model goes through it
 (training, evaluation, prediction, the benchmarks), and a model handed the uint8 video would fail at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 import numpy as np
@@ -25,11 +44,12 @@ from model.constants import IMAGENET_MEAN, IMAGENET_STD
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 
 VIDEO, GEOMETRY = "video", "video_geometry"
+CROP, FLIP, ERASE, NOISE_SEED = slice(0, 4), 4, slice(5, 9), 9  # the columns of a geometry row
 
 
 class Geometry(NamedTuple):
     """What the device does to one clip's normalised frames, in this order: resize ``crop`` back to the frame's
-    size, ``flip`` left-right, fill ``erase`` (height 0: nothing) with N(0, 1) noise drawn from ``noise_seed``."""
+    size, ``flip`` left-right, fill ``erase`` (height 0: nothing) with N(0, 1) noise (``batch_noise``)."""
 
     crop: Box
     flip: bool
@@ -42,11 +62,7 @@ class Geometry(NamedTuple):
 
     @classmethod
     def from_row(cls, row: list[int]) -> Geometry:
-        return cls(tuple(row[0:4]), bool(row[4]), tuple(row[5:9]), row[9])
-
-    def changes(self, height: int, width: int) -> bool:
-        """Whether it changes a frame of this size at all."""
-        return self.crop != (0, 0, height, width) or self.flip or self.erase[2] > 0
+        return cls(tuple(row[CROP]), bool(row[FLIP]), tuple(row[ERASE]), row[NOISE_SEED])
 
 
 def uint8_clip(frames: np.ndarray) -> np.ndarray:
@@ -66,52 +82,90 @@ def video_fields(frames: np.ndarray, *, crop: Box | None = None, flip: bool = Fa
     return {VIDEO: frames, GEOMETRY: geometry.row()}
 
 
+def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A small host array on ``device`` without waiting for the device (a copy from pageable memory is staged)."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
+
+
 def normalize(video: torch.Tensor) -> torch.Tensor:
     """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float32: v / 255, then ImageNet mean/std per channel."""
-    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, 3, 1, 1, 1)
+    mean = to_device(np.array(IMAGENET_MEAN, dtype=np.float32).reshape(1, 3, 1, 1, 1), video.device)
+    std = to_device(np.array(IMAGENET_STD, dtype=np.float32).reshape(1, 3, 1, 1, 1), video.device)
     return video.permute(0, 4, 1, 2, 3).contiguous().float().div_(255.0).sub_(mean).div_(std)
 
 
-def resized_crop(video: torch.Tensor, box: Box) -> torch.Tensor:
-    """(C, T, H, W) -> (C, T, H, W): ``box`` of every frame resized to the frame's size, bilinear (half-pixel
-    centres, no antialiasing); the whole frame comes back as it is."""
-    top, left, h, w = box
-    size = video.shape[-2:]
-    if (h, w) == tuple(size):
-        return video
-    return F.interpolate(video[:, :, top:top + h, left:left + w], size=size, mode="bilinear", align_corners=False)
+def source_positions(start: np.ndarray, length: np.ndarray, size: int) -> np.ndarray:
+    """(B,) box starts and lengths along one axis -> (B, size) float64: the pixel positions of the frame that
+    resizing each box to ``size`` samples bilinearly, as ``F.interpolate(align_corners=False)`` on the box:
+    half-pixel centres, clamped to the box's first and last pixel."""
+    inside = (np.arange(size) + 0.5) * (length[:, None] / size) - 0.5
+    return start[:, None] + np.clip(inside, 0, length[:, None] - 1)
 
 
-def erase(video: torch.Tensor, box: Box, seed: int) -> torch.Tensor:
-    """In place on (C, T, H, W): fill ``box`` of every frame with per-pixel N(0, 1) noise (fresh for every frame
-    and channel), drawn on the video's device from ``seed``."""
-    top, left, h, w = box
-    generator = torch.Generator(device=video.device).manual_seed(seed)
-    shape = (video.shape[0], video.shape[1], h, w)
-    video[:, :, top:top + h, left:left + w] = torch.randn(shape, generator=generator, device=video.device,
-                                                          dtype=video.dtype)
-    return video
+def resize_grid(crops: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(B, 4) crop boxes -> (B, W + H) float32: where each clip's output pixels sample its frames, in
+    ``grid_sample``'s coordinates (-1 and 1 the outer edges of the frame): x of the W columns, then y of the H rows."""
+    top, left, h, w = crops.T
+    x, y = source_positions(left, w, width), source_positions(top, h, height)
+    return np.concatenate([(2 * x + 1) / width - 1, (2 * y + 1) / height - 1], axis=1).astype(np.float32)
 
 
-def apply_geometry(video: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """One normalised clip (C, T, H, W): resized crop, then flip, then erasing, the reference's order."""
-    video = resized_crop(video, geometry.crop)
-    if geometry.flip:
-        video = video.flip(-1)
-    if geometry.erase[2] > 0:
-        video = erase(video.contiguous(), geometry.erase, geometry.noise_seed)
-    return video
+def resized_crops(video: torch.Tensor, crops: np.ndarray) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C, T, H, W): every clip's (B, 4) crop box resized to the frame's size, in one bilinear
+    ``grid_sample`` (a clip's frames and channels share its grid)."""
+    b, c, t, h, w = video.shape
+    xy = to_device(resize_grid(crops, h, w), video.device)  # (B, W + H): one copy
+    x, y = xy[:, None, :w].expand(b, h, w), xy[:, w:, None].expand(b, h, w)
+    grid = torch.stack([x, y], dim=-1)  # (B, H, W, 2)
+    frames = F.grid_sample(video.view(b, c * t, h, w), grid, mode="bilinear", padding_mode="border",
+                           align_corners=False)  # (B, C * T, H, W)
+    return frames.view(b, c, t, h, w)
+
+
+def flipped(video: torch.Tensor, flips: np.ndarray) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C, T, H, W): the clips of the (B,) ``flips`` mirrored left-right, in one gather
+    (every clip reads its columns in its own order)."""
+    b, w = video.shape[0], video.shape[-1]
+    columns = np.where(flips[:, None] != 0, np.arange(w)[::-1], np.arange(w))  # (B, W)
+    index = to_device(columns.reshape(b, 1, 1, 1, w), video.device)
+    return video.gather(-1, index.expand_as(video))
+
+
+def erase_mask(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(B, 4) erasing boxes -> (B, 1, 1, H, W) bool: the pixels each box covers, alike in every channel and frame."""
+    top, left, h, w = boxes.T[:, :, None, None]  # each (B, 1, 1)
+    rows, cols = np.arange(height)[:, None], np.arange(width)
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # (B, H, W)
+    return inside[:, None, None]
+
+
+def batch_noise(noise_seeds: np.ndarray, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """Per-pixel N(0, 1) float32 noise of ``shape`` on ``device``, from one generator seeded with a hash of the
+    batch's (B,) ``noise_seeds``: the same seeds in the same order, the same noise."""
+    digest = hashlib.sha256(np.ascontiguousarray(noise_seeds, dtype="<i8").tobytes()).digest()
+    generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def erased(video: torch.Tensor, boxes: np.ndarray, noise_seeds: np.ndarray) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C, T, H, W): every clip's (B, 4) erasing box, the same in every frame, filled with
+    the batch's noise (``batch_noise``); a box of height 0 erases nothing."""
+    inside = to_device(erase_mask(boxes, *video.shape[-2:]), video.device)  # (B, 1, 1, H, W)
+    return torch.where(inside, batch_noise(noise_seeds, video.shape, video.device), video)
 
 
 def video_to_model(batch: dict, device: torch.device | str) -> torch.Tensor:
     """A loader batch's video as the model takes it, on ``device``: ``video`` (B, T, H, W, 3) uint8 with its
     ``video_geometry`` (B, 10) (a host tensor, so reading it costs no device sync) -> (B, 3, T, H, W) float32."""
+    geometry = batch[GEOMETRY].numpy()
     video = normalize(batch[VIDEO].to(device, non_blocking=True))
-    for b, row in enumerate(batch[GEOMETRY].tolist()):
-        geometry = Geometry.from_row(row)
-        if geometry.changes(*video.shape[-2:]):
-            video[b] = apply_geometry(video[b], geometry)
+    crops, flips, erasing = geometry[:, CROP], geometry[:, FLIP], geometry[:, ERASE]
+    if (crops != (0, 0, *video.shape[-2:])).any():
+        video = resized_crops(video, crops)
+    if flips.any():
+        video = flipped(video, flips)
+    if erasing[:, 2].any():
+        video = erased(video, erasing, geometry[:, NOISE_SEED])
     return video
 
 

@@ -130,6 +130,23 @@ def test_train_step_benchmark_reports_throughput_and_exact_flops(train_step, tmp
         assert row["tflops"] == pytest.approx(row["mfu"] * result["peak_tflops"])
 
 
+def test_train_step_benchmark_counts_ops_by_phase(train_step, tmp_path):
+    """--count-ops: the phases add up to the step, and the device transforms do not grow with the batch."""
+    out = tmp_path / "ops.json"
+    small = train_step.main(["--tiny", "--sizes", "hicmae_tiny", "--count-ops", "--json", str(out), *TINY_BATCHES])
+    assert json.loads(out.read_text())["op_counts"] == small["op_counts"]
+    large = train_step.main(["--tiny", "--sizes", "hicmae_tiny", "--count-ops", "--pretrain-batch", "16",
+                             "--finetune-batch", "16"])
+    for few, many in zip(small["op_counts"], large["op_counts"], strict=True):
+        assert (few["stage"], few["batch"], many["batch"], few["fused_adamw"]) == (many["stage"], 2, 16, True)
+        for row in (few, many):
+            assert row["transforms"] + row["forward_backward"] + row["optimizer"] == row["total"]
+            assert row["forward_backward"] > 1000  # a backward through every block
+            assert 0 < row["optimizer"] < 100      # fused AdamW: a few ops per parameter group, not per parameter
+        assert 0 < few["transforms"] == many["transforms"] <= 40  # every clip of the batch at once
+        assert few["optimizer"] == many["optimizer"]
+
+
 @pytest.mark.parametrize(("stage", "batch", "gflop"), [("pretrain", 40, 89.535), ("finetune", 14, 275.356)])
 def test_base_flops_per_sample_counted_and_by_hand(train_step, stage, batch, gflop):
     """HiCMAE-B: 89.5 GFLOP per pre-training sample, 275.4 per fine-tuning sample (forward + backward)."""
