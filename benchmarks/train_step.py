@@ -6,14 +6,14 @@
     .venv/bin/python benchmarks/train_step.py --tiny --check-numerics  # bf16 vs float32 losses
     .venv/bin/python benchmarks/train_step.py --tiny --count-ops       # aten ops per step, by phase
 
-The step is the training loops' own ``train_step`` (pipeline/pretrain.py, pipeline/finetune.py): forward
-with every loss, backward, AdamW from ``build_optimizer`` at the peak learning rate, under
-``training.autocast``. Inputs are synthetic batches as the loader delivers them, with the reference's shapes
-(16 x 160 x 160 uint8 video with its crop, flip and erasing; 256 x 128 log-mel), masks (tube 0.9, random 0.8) and
-fine-tuning recipe (Mixup/CutMix, label smoothing, drop path 0.1, layer decay), made once in host memory (pinned
-on a GPU). Each timed step moves one to the device as the training loop does (``video_batch.device_batch``: the
-video is cast, normalised, cropped and augmented there), so the figures include that and exclude the data
-loader (benchmarks/loader.py).
+The step is the training loops' own ``training.TrainStep`` with the stage's task (pipeline/pretrain.py,
+pipeline/finetune.py): forward with every loss, backward, AdamW from ``build_optimizer`` at the peak learning
+rate, under ``training.autocast``, compiled as ``scaling.compile`` would (``--compile MODE``). Inputs are
+synthetic batches as the loader delivers them, with the reference's shapes (16 x 160 x 160 uint8 video with its
+crop, flip and erasing; 256 x 128 log-mel), masks (tube 0.9, random 0.8) and fine-tuning recipe (Mixup/CutMix,
+label smoothing, drop path 0.1, layer decay), made once in host memory (pinned on a GPU). Each timed step moves
+one to the device as the training loop does (``video_batch.device_batch``: the video is cast, normalised, cropped
+and augmented there), so the figures include that and exclude the data loader (benchmarks/loader.py).
 
 samples/s is batch / median step time over ``--steps`` steps after ``--warmup`` steps, timed with CUDA events on
 a GPU (perf_counter on a CPU). FLOPs per sample are counted by ``torch.utils.flop_counter.FlopCounterMode``
@@ -53,11 +53,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import HiCMAEClassifier, HiCMAEConfig, HiCMAEPretrain, random_mask, tube_mask  # noqa: E402
 from pipeline import finetune, pretrain  # noqa: E402
 from pipeline.augment import AugmentConfig, train_video_fields  # noqa: E402
+from pipeline.compiled import resolve  # noqa: E402
 from pipeline.data import collate  # noqa: E402
 from pipeline.examples import multi_scale_crop  # noqa: E402
 from pipeline.op_count import OpCounter  # noqa: E402
 from pipeline.optim import build_optimizer, scaled_lrs, set_lr  # noqa: E402
 from pipeline.settings import FinetuneSettings, ModelSettings, PretrainSettings  # noqa: E402
+from pipeline.training import TrainingTask, TrainStep, step_module  # noqa: E402
 from pipeline.video_batch import device_batch, video_fields  # noqa: E402
 from preprocessing.manifest import DatasetInfo  # noqa: E402
 
@@ -132,21 +134,30 @@ class Step:
         return self.train(device_batch(batch, self.device))
 
 
+def stage_task(stage: str, settings, compile_mode: str, precision: str | None) -> TrainingTask:
+    """The stage's own training task (its losses and host-side draws) for synthetic batches."""
+    config = {"settings": settings.model_dump(mode="json"), "compile": compile_mode}
+    if stage == "pretrain":
+        task = pretrain.PretrainTask(config)
+    else:
+        task = finetune.FinetuneTask({**config, "info": INFO.model_dump(mode="json"), "split": {}, "clips": {}})
+    task.compile_mode, task.precision = compile_mode, precision
+    return task
+
+
 def make_step(stage: str, settings, cfg: HiCMAEConfig, batch: int, device: torch.device, precision: str,
               fused_adamw: bool | None, compile_mode: str | None, seed: int) -> Step:
-    """The model on ``device`` (seeded init), its optimizer at the peak lr, and the stage's ``train_step``."""
+    """The model on ``device`` (seeded init), its optimizer at the peak lr, and the training loops' own step
+    (``training.TrainStep``: the stage's losses, compiled in ``compile_mode``, backward, AdamW)."""
     torch.manual_seed(seed)
     model = build_model(stage, cfg).to(device)
-    optimizer = build_optimizer(model, settings.optim, fused=fused_adamw)
+    mode = resolve(compile_mode or "none", device)
+    optimizer = build_optimizer(model, settings.optim, fused=fused_adamw,
+                                compiled=mode != "none" and device.type == "cuda")
     set_lr(optimizer, scaled_lrs(settings.optim, batch)[0])
-    net = torch.compile(model, mode=compile_mode) if compile_mode else model
-    if stage == "pretrain":
-        train = partial(pretrain.train_step, net, optimizer=optimizer, clip_grad=settings.optim.clip_grad,
-                        precision=precision)
-    else:
-        train = partial(finetune.train_step, net, optimizer=optimizer, info=INFO, settings=settings,
-                        rng=np.random.default_rng(seed), precision=precision)
-    return Step(model, optimizer, train, device)
+    task = stage_task(stage, settings, mode, precision)
+    step = TrainStep(task, step_module(task, model, mode), optimizer, mode)
+    return Step(model, optimizer, partial(step, rng=np.random.default_rng(seed)), device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,12 +172,11 @@ def counted_flops(stage: str, settings, cfg: HiCMAEConfig, batch: int) -> int:
         model = build_model(stage, cfg)
     # a zero-lr SGD stands in for AdamW (optimizers do elementwise work only, which is not counted)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, foreach=False)
+    task = stage_task(stage, settings, "none", "fp32")
+    step = TrainStep(task, step_module(task, model, "none"), optimizer, "none")
     counter = FlopCounterMode(display=False)
     with counter:
-        if stage == "pretrain":
-            pretrain.train_step(model, tensors, optimizer, settings.optim.clip_grad, precision="fp32")
-        else:
-            finetune.train_step(model, tensors, optimizer, INFO, settings, np.random.default_rng(0), precision="fp32")
+        step(tensors, rng=np.random.default_rng(0))
     return counter.get_total_flops()
 
 
@@ -488,7 +498,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32",
                         help="autocast precision (default: as the training loops, bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                        help="torch.compile the model (MODE: default, reduce-overhead = CUDA graphs, max-autotune)")
+                        help="compile the step as the stages do (scaling.compile: default, reduce-overhead = CUDA "
+                             "graphs, max-autotune)")
     parser.add_argument("--fused-adamw", choices=("auto", "on", "off"), default="auto",
                         help="auto: fused on GPU, as the training loops")
     parser.add_argument("--warmup", type=int, default=10)

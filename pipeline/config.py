@@ -14,10 +14,10 @@ library: the data stages, which do not train, load ``DataParams`` and so do not 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from preprocessing.errors import InputError
 from preprocessing.settings import EXECUTION_FIELDS, PreprocessSettings
@@ -52,13 +52,17 @@ class ScalingSettings(Strict):
     processes and retries, the folds trained at once, and the preprocessing workers.
 
     Only ``RESULT_FIELDS`` change what a stage computes: the number of workers sets the global batch (and the
-    learning rate with it), ``use_gpu`` the device and its precision (bf16 on a GPU). The others change how fast or
+    learning rate with it), ``use_gpu`` the device and its precision (bf16 on a GPU), ``compile`` the kernels
+    (compiled ones round differently from eager ones, within a tolerance). The others change how fast or
     how safely a stage runs, never its result, so no DVC stage depends on them (``dvc.yaml`` lists the result
     fields one by one; tests/test_wiring.py checks it against this class).
     """
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) of each training run")
     use_gpu: bool = Field(False, description="one GPU per training worker (NCCL, bf16 autocast)")
+    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
+        "auto", description="torch.compile of the training step and of evaluation (pipeline/compiled.py): "
+        "torch.compile's modes, or none; auto: none on a CPU, reduce-overhead (CUDA graphs) on a GPU")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each training worker claims; fractional "
                                    "CPUs leave room for Ray Data on small machines")
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes of each training worker")
@@ -72,8 +76,15 @@ class ScalingSettings(Strict):
                                            "Ray, in the stage's own process")
     preprocess_cpus: float = Field(0.5, gt=0, description="Ray CPUs each preprocessing worker claims")
 
+    @model_validator(mode="after")
+    def _cuda_graphs_need_a_gpu(self) -> ScalingSettings:
+        if self.compile == "reduce-overhead" and not self.use_gpu:
+            raise ValueError("compile: reduce-overhead replays CUDA graphs and needs a GPU: set use_gpu: true, or "
+                             "compile: default (or none)")
+        return self
 
-RESULT_FIELDS = ("num_workers", "use_gpu")  # the fields of ScalingSettings that change a stage's result
+
+RESULT_FIELDS = ("num_workers", "use_gpu", "compile")  # the fields of ScalingSettings that change a result
 
 
 class DataParams(Strict):

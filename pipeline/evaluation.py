@@ -3,6 +3,9 @@
 ``clip_outputs`` runs a model over an evaluation loader (one or more temporal views per clip) and averages
 each clip's outputs; ``score`` turns them into the dataset's metrics; ``test_files`` evaluates a fold's test
 clips with the last and the best weights and returns the files a fold keeps (``layout.FOLD_RESULT_FILES``).
+
+The forward of a batch is ``eval_forward``, or a compiled version of it (``compiled.compiled``): then every batch
+is padded to the loader's full size (its last one is short), so that one graph serves them all.
 """
 
 from __future__ import annotations
@@ -28,31 +31,50 @@ def model_inputs(net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor | None
     return (batch["video"] if "video" in modalities else None, batch["audio"] if "audio" in modalities else None)
 
 
+def eval_forward(model: torch.nn.Module, video: torch.Tensor | None, audio: torch.Tensor | None,
+                 classification: bool) -> dict[str, torch.Tensor]:
+    """One evaluation batch through the model (not DDP-wrapped): ``output`` (softmax probabilities, or the raw
+    outputs of a regression model) and the clip embeddings ``embedding/video``, ``embedding/audio`` (each modality's
+    hierarchical embedding) and ``embedding/fused`` (the head's input), all float32."""
+    with autocast(video.device if video is not None else audio.device):
+        features = model.forward_features(video, audio)
+        out = model.head_output(features).float()
+    values = {"output": out.softmax(-1) if classification else out, "embedding/fused": features.embedding}
+    values |= {f"embedding/{m}": e for m, e in features.weighted.items()}
+    return {name: value.float() for name, value in values.items()}
+
+
+def padded(tensor: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """``tensor`` with its last row repeated up to ``rows`` rows."""
+    if tensor is None or len(tensor) == rows:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(rows - len(tensor), *tensor.shape[1:])])
+
+
 @torch.no_grad()
-def clip_outputs(net: torch.nn.Module, loader, device: torch.device, task: str,
-                 embeddings: bool = False) -> dict[str, np.ndarray]:
+def clip_outputs(net: torch.nn.Module, loader, device: torch.device, task: str, embeddings: bool = False,
+                 forward=None, batch_rows: int | None = None) -> dict[str, np.ndarray]:
     """Per-clip outputs averaged over views: softmax probabilities (classification) or raw outputs.
 
     Returns ``clip_id`` (sorted), ``truth`` (labels or target vectors) and ``output`` (N, K); with
     ``embeddings``, also the clip embeddings of the same forward pass, averaged over views, under
     ``embedding/<name>``: ``video`` and ``audio`` (each modality's hierarchical clip embedding) and ``fused``
-    (the head's input).
+    (the head's input). ``forward``: ``eval_forward`` or a compiled version of it, which gets batches padded to
+    ``batch_rows`` examples.
     """
     net.eval()
     model = unwrap(net)  # no DDP hooks: each rank scores its own clips
+    forward = forward or eval_forward
     sums: dict[str, dict[str, np.ndarray]] = {}
     counts: dict[str, int] = {}
     truth: dict[str, object] = {}
     for batch in loader:
         tensors = device_batch(batch, device)
-        with autocast(device):
-            features = model.forward_features(*model_inputs(net, tensors))
-            out = model.head_output(features).float()
-        values = {"output": out.softmax(-1) if task == "classification" else out}
-        if embeddings:
-            values.update({f"embedding/{m}": e for m, e in features.weighted.items()})
-            values["embedding/fused"] = features.embedding
-        values = {name: v.float().cpu().numpy() for name, v in values.items()}  # name -> (B, ...)
+        rows = len(batch["clip_id"])
+        video, audio = (padded(x, batch_rows or rows) for x in model_inputs(net, tensors))
+        values = forward(model, video, audio, task == "classification")
+        values = {name: v[:rows].cpu().numpy() for name, v in values.items()
+                  if embeddings or not name.startswith("embedding/")}  # name -> (B, ...)
         for i, clip_id in enumerate(batch["clip_id"]):
             clip = sums.setdefault(clip_id, dict.fromkeys(values, 0))
             for name, value in values.items():
@@ -117,9 +139,11 @@ def predictions_csv(outputs: dict, info: DatasetInfo) -> bytes:
     return buffer.getvalue().encode()
 
 
-def test_files(net: torch.nn.Module, best: dict, loader, device: torch.device, info: DatasetInfo) -> dict[str, bytes]:
+def test_files(net: torch.nn.Module, best: dict, loader, device: torch.device, info: DatasetInfo, forward=None,
+               batch_rows: int | None = None) -> dict[str, bytes]:
     """Evaluate the test clips with the last and the ``best`` weights (``best["model"]``, ``best["epoch"]``):
     predictions CSVs, a metrics JSON and the best weights' clip embeddings. The net keeps its last weights.
+    ``forward``, ``batch_rows``: as ``clip_outputs`` takes them.
 
     In a distributed run every rank calls this with its share of the clips (the outputs are gathered)."""
     model = unwrap(net)
@@ -127,7 +151,8 @@ def test_files(net: torch.nn.Module, best: dict, loader, device: torch.device, i
     last_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, weights in (("last", last_weights), ("best", best["model"])):
         model.load_state_dict(weights)
-        outputs = gather_outputs(clip_outputs(net, loader, device, info.task, embeddings=name == "best"))
+        outputs = gather_outputs(clip_outputs(net, loader, device, info.task, embeddings=name == "best",
+                                              forward=forward, batch_rows=batch_rows))
         results[name] = score(outputs, info)
         files[predictions_file(name)] = predictions_csv(outputs, info)
     files[EMBEDDINGS_FILE] = embeddings_npz(outputs)

@@ -17,41 +17,50 @@ import torch.nn.functional as F
 from model import HiCMAEClassifier, load_reference_weights
 from preprocessing.manifest import DatasetInfo
 
-from .augment import mixup_cutmix
+from .augment.mixing import apply_mix, draw_mix
+from .compiled import compiled
 from .data import ClipDataset, evaluation_loader, training_loader
-from .evaluation import clip_outputs, gather_outputs, model_inputs, score, test_files
+from .evaluation import clip_outputs, eval_forward, gather_outputs, model_inputs, score, test_files
 from .examples import finetune_eval_examples, finetune_train_examples
 from .losses import label_smoothing_cross_entropy, soft_target_cross_entropy
 from .metrics import selection_metric
-from .optim import optimizer_step
 from .sampling import GlobalBatchSampler, rank_share
 from .settings import FinetuneSettings
 from .training import TrainData, TrainingTask, autocast, fit, unwrap
 
 
-def train_loss(net, batch: dict, info: DatasetInfo, settings: FinetuneSettings, rng: np.random.Generator):
-    """Forward + criterion: mixup/cutmix + soft-target CE, or label-smoothed CE, or MSE for regression."""
+def mixes(info: DatasetInfo, settings: FinetuneSettings) -> bool:
+    """Whether training batches are mixed (Mixup/CutMix: classification with ``augment.mixup``)."""
+    return info.task == "classification" and settings.augment.mixup
+
+
+def mix_inputs(batch: dict, rng: np.random.Generator, info: DatasetInfo, settings: FinetuneSettings,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's Mixup/CutMix weights drawn from ``rng`` on the host, as tensors on ``device`` ({} if not mixing)."""
+    if not mixes(info, settings):
+        return {}
     video, audio = batch["video"], batch["audio"]
-    if info.task == "regression":
-        return F.mse_loss(net(*model_inputs(net, batch)).float(), batch["targets"])
-    augment = settings.augment
-    if augment.mixup:
-        video, audio, soft = mixup_cutmix(video, audio, batch["label"], len(info.classes), augment, rng)
-        logits = net(*model_inputs(net, {"video": video, "audio": audio}))
-        return soft_target_cross_entropy(logits.float(), soft)
-    logits = net(*model_inputs(net, batch))
-    return label_smoothing_cross_entropy(logits.float(), batch["label"], augment.label_smoothing)
+    return draw_mix(rng, settings.augment, video.shape[-2], video.shape[-1], audio.shape[2]).tensors(device)
 
 
-def train_step(net, batch: dict, optimizer, info: DatasetInfo, settings: FinetuneSettings, rng: np.random.Generator,
-               precision: str | None = None) -> torch.Tensor:
-    """One step on a batch already on the device: ``train_loss``, backward, AdamW step; the detached loss.
-
-    ``precision``: see ``training.autocast``."""
+def finetune_losses(net, batch: dict, info: DatasetInfo, settings: FinetuneSettings,
+                    precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward + criterion on a batch on the device (with its ``mix_inputs``): Mixup/CutMix + soft-target CE, or
+    label-smoothed CE, or MSE for regression -> (the loss, the same as a (1,) float32 tensor). ``precision``: see
+    ``training.autocast``."""
     with autocast(batch["video"].device, precision):
-        loss = train_loss(net, batch, info, settings, rng)
-    optimizer_step(optimizer, loss, net.parameters(), settings.optim.clip_grad)
-    return loss.detach()
+        if info.task == "regression":
+            loss = F.mse_loss(net(*model_inputs(net, batch)).float(), batch["targets"])
+        elif mixes(info, settings):
+            augment = settings.augment
+            video, audio, soft = apply_mix(batch["video"], batch["audio"], batch["label"], len(info.classes),
+                                           augment.label_smoothing, batch)
+            logits = net(*model_inputs(net, {"video": video, "audio": audio}))
+            loss = soft_target_cross_entropy(logits.float(), soft)
+        else:
+            logits = net(*model_inputs(net, batch))
+            loss = label_smoothing_cross_entropy(logits.float(), batch["label"], settings.augment.label_smoothing)
+    return loss, loss.float().reshape(1)
 
 
 class FinetuneTask(TrainingTask):
@@ -66,6 +75,7 @@ class FinetuneTask(TrainingTask):
         self.split, self.clips = config["split"], config["clips"]
         self.label = config.get("label", self.info.name)
         self.tracker = config.get("tracker")
+        self.compile = config.get("compile", "none")
         self.selection = selection_metric(self.info.task, self.settings.protocol)
         self.best = {"score": -np.inf, "epoch": -1, "model": None}
 
@@ -92,19 +102,33 @@ class FinetuneTask(TrainingTask):
 
         return TrainData(training_loader(dataset, sampler, self.config["loader_workers"]), len(sampler), set_epoch)
 
-    def eval_loader(self, part: str, views: int):
-        """This rank's share of the clips of ``split[part]``, ``views`` deterministic windows each."""
+    def eval_inputs(self, part: str, views: int) -> dict:
+        """What ``clip_outputs`` needs to evaluate this rank's share of the clips of ``split[part]``, ``views``
+        deterministic windows each: the loader, the evaluation forward (compiled once, in ``compile_mode``) and the
+        rows every batch is padded to: ``batch_size`` for validation and test alike, so that one graph serves both."""
         examples = partial(finetune_eval_examples, window=self.settings.window, views=views)
         ids = rank_share(self.split[part], self.rank, self.world_size)
-        dataset = ClipDataset([self.clips[c] for c in ids], examples)
-        return evaluation_loader(dataset, max(self.settings.batch_size // views, 1), self.config["loader_workers"])
+        clips_per_batch = max(self.settings.batch_size // views, 1)
+        loader = evaluation_loader(ClipDataset([self.clips[c] for c in ids], examples), clips_per_batch,
+                                   self.config["loader_workers"])
+        return dict(loader=loader, forward=self.eval_forward(), batch_rows=max(self.settings.batch_size, views))
 
-    def train_step(self, net, batch: dict, optimizer, rng: np.random.Generator) -> torch.Tensor:
-        return train_step(net, batch, optimizer, self.info, self.settings, rng)
+    def eval_forward(self):
+        """``evaluation.eval_forward``, compiled in ``compile_mode`` (on first use; one graph for every batch)."""
+        if getattr(self, "_eval_forward", None) is None:
+            self._eval_forward = compiled(eval_forward, self.compile_mode)
+        return self._eval_forward
+
+    def step_inputs(self, batch: dict, rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        return mix_inputs(batch, rng, self.info, self.settings, device)
+
+    def losses(self, net, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return finetune_losses(net, batch, self.info, self.settings, self.precision)
 
     def evaluate(self, net, device: torch.device, epoch: int) -> dict:
         """Validation scores (the same on every rank); a copy of the weights when the selection metric improves."""
-        val = score(gather_outputs(clip_outputs(net, self.eval_loader("val", 1), device, self.info.task)), self.info)
+        val = score(gather_outputs(clip_outputs(net, device=device, task=self.info.task,
+                                                **self.eval_inputs("val", 1))), self.info)
         if val[self.selection] > self.best["score"]:
             weights = {k: v.detach().cpu().clone() for k, v in unwrap(net).state_dict().items()}
             self.best = {"score": val[self.selection], "epoch": epoch, "model": weights}
@@ -117,7 +141,8 @@ class FinetuneTask(TrainingTask):
         self.best = state.get("best", self.best)
 
     def final_files(self, net, device: torch.device) -> dict[str, bytes]:
-        return test_files(net, self.best, self.eval_loader("test", self.settings.test_views), device, self.info)
+        return test_files(net, self.best, device=device, info=self.info,
+                          **self.eval_inputs("test", self.settings.test_views))
 
 
 def finetune_worker(config: dict) -> None:

@@ -58,14 +58,16 @@ def describe_dataset(info: DatasetInfo, protocol: str) -> dict:
 
 
 def fold_config(settings: FinetuneSettings, info: DatasetInfo, fold: int, split: dict[str, list[str]], catalog: dict,
-                init: str | None, loader_workers: int, tracker=None) -> dict:
+                init: str | None, scaling: ScalingSettings | None = None, tracker=None) -> dict:
     """What the Ray Train workers of one fold get (``finetune.FinetuneTask``): the split's clips and where each
-    lies in the shards. A clip that preprocessing could not use (no face, unreadable) is left out."""
+    lies in the shards, and how to run (loader processes, compile mode). A clip that preprocessing could not use
+    (no face, unreadable) is left out."""
+    scaling = scaling or ScalingSettings()
     split = {part: [clip for clip in ids if clip in catalog] for part, ids in split.items()}
     return {"settings": settings.model_dump(mode="json"), "info": info.model_dump(mode="json"), "split": split,
             "label": f"{info.name} fold {fold}",
             "clips": {clip: catalog[clip] for ids in split.values() for clip in ids}, "init": init,
-            "loader_workers": loader_workers, "tracker": tracker}
+            "loader_workers": scaling.loader_workers, "compile": scaling.compile, "tracker": tracker}
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, datase
     catalog = clip_catalog(shards)
     folds = settings.folds or list(range(1, info.num_folds + 1))
     configs = {fold: fold_config(settings, info, fold, fold_splits(clips, fold, settings), catalog, init,
-                                 params.scaling.loader_workers, tracker_for_fold(fold) if tracker_for_fold else None)
+                                 params.scaling, tracker_for_fold(fold) if tracker_for_fold else None)
                for fold in folds}
     out = layout.finetune(dataset)
     job = FoldJob(configs, info, params.scaling, out, layout.ray_results, shards_hash(shards), settings.window,

@@ -50,23 +50,25 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, settings: OptimSettings, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; ``fused`` None = the fused kernel when every parameter is on a GPU."""
+def build_optimizer(model: nn.Module, settings: OptimSettings, fused: bool | None = None,
+                    compiled: bool = False) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; ``fused`` None = the fused kernel when every parameter is on a GPU.
+
+    ``compiled``: for a step that torch.compile captures (``compiled.optimizer_update``): every group's learning
+    rate a tensor on the parameters' device (``set_lr`` fills it in place, so the schedule is data, not a new
+    graph), the multi-tensor implementation, capturable in CUDA graphs."""
     groups = param_groups(model, settings.weight_decay, settings.layer_decay)
     for group in groups:
         group.pop("names")
+    if compiled:
+        device = groups[0]["params"][0].device
+        for group in groups:
+            group["lr"] = torch.tensor(settings.lr * group["lr_scale"], device=device)
+        return torch.optim.AdamW(groups, lr=torch.tensor(settings.lr, device=device), betas=settings.betas, eps=1e-8,
+                                 foreach=True, capturable=True)
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=1e-8, fused=fused or None)
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters, clip_grad: float | None) -> None:
-    """Backward of ``loss``, optional gradient-norm clipping of ``parameters``, one optimizer step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_grad:
-        torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
-    optimizer.step()
 
 
 def scaled_lrs(settings: OptimSettings, total_batch: int) -> tuple[float, float]:
@@ -82,9 +84,21 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: fl
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def tensor_lrs(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Every group's learning rate a tensor on ``device``, as ``build_optimizer(compiled=True)`` makes them (a
+    restored checkpoint brings them back on the CPU)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(device)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate: ``lr`` times its ``lr_scale``, in place where it is a tensor."""
+    for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
 
 
 def steps_per_epoch(num_clips: int, batch_size: int, world_size: int) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from model import HiCMAEPretrain
@@ -20,25 +19,23 @@ from preprocessing.fileio import atomic_path, atomic_write_bytes, write_json
 from preprocessing.shard_index import ShardIndex
 
 from . import raytrain
-from .config import DataParams
+from .config import DataParams, ScalingSettings
 from .data import ClipStream, shards_hash, stream_loader, verified_shards
 from .examples import pretrain_examples
 from .layout import HISTORY_FILE, Layout, require
-from .optim import optimizer_step, steps_per_epoch
+from .optim import steps_per_epoch
 from .settings import Params, PretrainSettings, training_params
 from .training import TrainData, TrainingTask, autocast, fit, results_only
 
 LOSS_KEYS = ("loss", "loss_video", "loss_audio", "loss_contrastive")
 
 
-def train_step(net, batch: dict, optimizer, clip_grad: float | None, precision: str | None = None) -> torch.Tensor:
-    """One step on a batch already on the device: forward with every loss, backward, AdamW step.
-
-    Returns the detached (len(LOSS_KEYS),) float32 losses. ``precision``: see ``training.autocast``."""
+def pretrain_losses(net, batch: dict, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward with every loss on a batch on the device: (the total loss, the (len(LOSS_KEYS),) float32 losses).
+    ``precision``: see ``training.autocast``."""
     with autocast(batch["video"].device, precision):
         out = net(batch["video"], batch["audio"], batch["mask_video"], batch["mask_audio"])
-    optimizer_step(optimizer, out.loss, net.parameters(), clip_grad)
-    return torch.stack([getattr(out, key).detach().float() for key in LOSS_KEYS])
+    return out.loss, torch.stack([getattr(out, key).float() for key in LOSS_KEYS])
 
 
 class PretrainTask(TrainingTask):
@@ -51,6 +48,7 @@ class PretrainTask(TrainingTask):
         self.config = config
         self.settings = PretrainSettings.model_validate(config["settings"])
         self.tracker = config.get("tracker")
+        self.compile = config.get("compile", "none")
         self.label = f"pretrain {self.settings.dataset}"
 
     def build_model(self, rank: int) -> HiCMAEPretrain:
@@ -66,8 +64,8 @@ class PretrainTask(TrainingTask):
         steps = steps_per_epoch(self.config["num_clips"], settings.batch_size, self.world_size)
         return TrainData(loader, steps, dataset.set_epoch)
 
-    def train_step(self, net, batch: dict, optimizer, rng: np.random.Generator) -> torch.Tensor:
-        return train_step(net, batch, optimizer, self.settings.optim.clip_grad)
+    def losses(self, net, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return pretrain_losses(net, batch, self.precision)
 
     def checkpoint_due(self, epoch: int) -> bool:
         return (epoch + 1) % self.config["checkpoint_every"] == 0
@@ -78,18 +76,19 @@ def pretrain_worker(config: dict) -> None:
     fit(PretrainTask(config))
 
 
-def pretrain_config(settings: PretrainSettings, shards: list[ShardIndex], loader_workers: int, tracker=None,
-                    checkpoint_every: int = 1) -> dict:
-    """What the Ray Train workers get (``PretrainTask``): the shards to stream and how many clips they hold."""
+def pretrain_config(settings: PretrainSettings, shards: list[ShardIndex], scaling: ScalingSettings | None = None,
+                    tracker=None) -> dict:
+    """What the Ray Train workers get (``PretrainTask``): the shards to stream and how many clips they hold, and
+    how to run (loader processes, checkpoints, compile mode)."""
+    scaling = scaling or ScalingSettings()
     return {"settings": settings.model_dump(mode="json"), "shards": [shard.path for shard in shards],
-            "num_clips": sum(len(shard.samples) for shard in shards), "loader_workers": loader_workers,
-            "tracker": tracker, "checkpoint_every": checkpoint_every}
+            "num_clips": sum(len(shard.samples) for shard in shards), "loader_workers": scaling.loader_workers,
+            "tracker": tracker, "checkpoint_every": scaling.checkpoint_every, "compile": scaling.compile}
 
 
 def run_pretrain(params: Params, layout: Layout, shards: list[ShardIndex], tracker=None) -> dict:
     """Pre-train on ``shards`` (``data.verified_shards``); writes runs/pretrain/ and returns the last metrics."""
-    config = pretrain_config(params.pretrain, shards, params.scaling.loader_workers, tracker,
-                             params.scaling.checkpoint_every)
+    config = pretrain_config(params.pretrain, shards, params.scaling, tracker)
     result = raytrain.run_trainer(pretrain_worker, config, params.scaling, name=f"pretrain-{params.pretrain.dataset}",
                                   storage=layout.ray_results)
     state = raytrain.load_result_state(result)

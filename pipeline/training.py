@@ -1,10 +1,11 @@
 """The epoch loop both training stages share, run by every Ray Train worker (``fit``).
 
-A stage says what differs in a ``TrainingTask``: its model, its training data, one optimisation step, what
-it measures at the end of an epoch (fine-tuning: validation), what it adds to a checkpoint and which files
-its last checkpoint carries. ``fit`` does the rest the same way for both: seeding, DDP, resuming from the
-last checkpoint, the per-step learning rate, throughput, the per-epoch history and MLflow metrics, and the
-checkpoints (through ``raytrain.report_epoch``).
+A stage says what differs in a ``TrainingTask``: its model, its training data, its losses (and the random
+draws a step makes on the host), what it measures at the end of an epoch (fine-tuning: validation), what it
+adds to a checkpoint and which files its last checkpoint carries. ``fit`` does the rest the same way for both:
+seeding, DDP, resuming from the last checkpoint, the step (``TrainStep``: forward with every loss, backward,
+optimizer step, compiled as ``scaling.compile`` says), the per-step learning rate, throughput, the per-epoch
+history and MLflow metrics, and the checkpoints (through ``raytrain.report_epoch``).
 
 Exact resume: every epoch's random draws (dropout, drop path, mixup, the data's shuffles, windows and
 augmentations) derive from (seed, rank, epoch) alone, so a run resumed from a checkpoint draws exactly what
@@ -25,9 +26,10 @@ import torch
 from torch import nn
 
 from . import raytrain
+from .compiled import compile_counters, compiled, optimizer_update, resolve
 from .history import history_csv
 from .layout import HISTORY_FILE
-from .optim import LrSchedule, build_optimizer, set_lr
+from .optim import LrSchedule, build_optimizer, set_lr, tensor_lrs
 from .video_batch import device_batch
 
 
@@ -83,14 +85,18 @@ class TrainData(NamedTuple):
 
 
 class TrainingTask:
-    """What a training stage tells ``fit``. Subclasses set ``settings`` (seed, epochs, batch_size, optim) and
-    ``tracker`` (an MLflow ``RunLogger`` or None) and implement ``build_model``, ``train_data`` and
-    ``train_step``; the other hooks are optional. ``fit`` sets ``rank`` and ``world_size`` before any hook."""
+    """What a training stage tells ``fit``. Subclasses set ``settings`` (seed, epochs, batch_size, optim),
+    ``tracker`` (an MLflow ``RunLogger`` or None) and ``compile`` (a ``scaling.compile`` mode) and implement
+    ``build_model``, ``train_data`` and ``losses``; the other hooks are optional. ``fit`` sets ``rank``,
+    ``world_size`` and ``compile_mode`` (the mode resolved for the device) before any hook."""
 
     loss_names: tuple[str, ...] = ("loss",)
     label = "training"  # names the run in the progress lines, e.g. "crema-d fold 3"
     settings = None
     tracker = None
+    compile = "none"
+    compile_mode = "none"
+    precision: str | None = None  # autocast's: None = bf16 on a GPU, float32 on a CPU (``autocast``)
     rank, world_size = 0, 1
 
     def build_model(self, rank: int) -> nn.Module:
@@ -99,14 +105,21 @@ class TrainingTask:
     def train_data(self) -> TrainData:
         raise NotImplementedError
 
-    def train_step(self, net: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
-                   rng: np.random.Generator) -> torch.Tensor:
-        """One optimisation step on a batch on the device; the detached (len(loss_names),) losses."""
+    def step_inputs(self, batch: dict, rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        """The step's random draws that happen on the host (``rng``: the epoch's generator), as tensors on the
+        device to merge into the batch (fine-tuning: the Mixup/CutMix weights). None by default."""
+        return {}
+
+    def losses(self, net: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward with every loss on a batch on the device (``step_inputs`` merged in): (the loss to
+        minimise, the (len(loss_names),) losses to report). ``TrainStep`` compiles it: tensor ops only, the same
+        shapes every step."""
         raise NotImplementedError
 
-    def evaluate(self, net: nn.Module, device: torch.device, epoch: int) -> dict:
-        """Every rank, after each epoch's training: metrics to add to the epoch's (e.g. ``val/...``). A
-        distributed evaluation splits the clips across the ranks and gathers the outputs (a collective)."""
+    def evaluate(self, model: nn.Module, device: torch.device, epoch: int) -> dict:
+        """Every rank, after each epoch's training, with the model itself (no DDP): metrics to add to the epoch's
+        (e.g. ``val/...``). A distributed evaluation splits the clips across the ranks and gathers the outputs (a
+        collective)."""
         return {}
 
     def checkpoint_due(self, epoch: int) -> bool:
@@ -120,7 +133,7 @@ class TrainingTask:
     def load_state(self, state: dict) -> None:
         """Take back the task's own state from a restored checkpoint."""
 
-    def final_files(self, net: nn.Module, device: torch.device) -> dict[str, bytes]:
+    def final_files(self, model: nn.Module, device: torch.device) -> dict[str, bytes]:
         """Every rank, after the last epoch (a collective, as ``evaluate``): result files; rank 0's go into the
         last checkpoint."""
         return {}
@@ -129,12 +142,13 @@ class TrainingTask:
 PROGRESS_METRICS = ("train/loss", "val/uar", "val/war", "val/ccc_mean", "samples_per_s")
 # Figures of how a run went rather than of what it learnt: MLflow and the progress lines get them, the outputs DVC
 # tracks (history.csv, metrics.json) do not, so that the same inputs give the same outputs.
-RUN_FIGURES = ("samples_per_s",)
+RUN_FIGURES = ("samples_per_s", "compile/")
 
 
 def results_only(metrics: dict) -> dict:
-    """``metrics`` without the ``RUN_FIGURES``."""
-    return {name: value for name, value in metrics.items() if name not in RUN_FIGURES}
+    """``metrics`` without the ``RUN_FIGURES`` (names, or prefixes ending in '/')."""
+    return {name: value for name, value in metrics.items()
+            if not any(name == f or (f.endswith("/") and name.startswith(f)) for f in RUN_FIGURES)}
 
 
 def progress_line(label: str, epoch: int, epochs: int, metrics: dict) -> str:
@@ -143,21 +157,59 @@ def progress_line(label: str, epoch: int, epochs: int, metrics: dict) -> str:
     return f"{label}: epoch {epoch + 1}/{epochs}  {shown}"
 
 
+class StepModule(nn.Module):
+    """A task's forward with every loss as one module, ``batch -> task.losses(model, batch)``: what torch.compile
+    compiles as one graph and, when there are several workers, DDP then wraps (a compiled module inside DDP: DDP's
+    own Python forward stays outside the graph). Its only parameters are the model's."""
+
+    def __init__(self, task: TrainingTask, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.task.losses(self.model, batch)
+
+
+def step_module(task: TrainingTask, model: nn.Module, mode: str) -> nn.Module:
+    """``StepModule`` of the task's model, compiled in ``mode`` (``compiled.compiled``)."""
+    return compiled(StepModule(task, model), mode)
+
+
+class TrainStep:
+    """One optimisation step of a task on a batch on the device: its ``step_inputs``, the forward with every loss
+    (``net``: ``step_module``, maybe DDP-wrapped; compiled, its backward too), zero_grad, backward, the optimizer
+    step (``compiled.optimizer_update``). Returns the detached (len(loss_names),) losses."""
+
+    def __init__(self, task: TrainingTask, net: nn.Module, optimizer: torch.optim.Optimizer, mode: str):
+        self.task, self.net, self.optimizer = task, net, optimizer
+        self.update = optimizer_update(optimizer, mode, net.parameters(), task.settings.optim.clip_grad)
+
+    def __call__(self, batch: dict, rng: np.random.Generator) -> torch.Tensor:
+        batch = {**batch, **self.task.step_inputs(batch, rng, batch["video"].device)}
+        loss, losses = self.net(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.update()
+        return losses.detach()
+
+
 def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader, *, step: Callable, epoch: int,
                     schedule: LrSchedule, loss_names: tuple[str, ...], device: torch.device,
                     global_batch: int) -> dict:
-    """``schedule.steps_per_epoch`` optimizer steps; returns the epoch's mean losses, last lr and throughput."""
+    """``schedule.steps_per_epoch`` optimizer steps (``step(batch)``); returns the epoch's mean losses, last lr and
+    throughput."""
     net.train()
     sums = torch.zeros(len(loss_names), device=device)  # summed on the device: no host sync per step
     began = time.perf_counter()
     for index, batch in enumerate(batches(loader, schedule.steps_per_epoch)):
         set_lr(optimizer, schedule.at(epoch, index))
         batch = device_batch(batch, device)  # the video cast, normalised, cropped and augmented there
-        sums += step(net, batch, optimizer)
+        sums += step(batch)
     seconds = time.perf_counter() - began
     means = {f"train/{name}": total / schedule.steps_per_epoch
              for name, total in zip(loss_names, sums.tolist(), strict=True)}
-    return {"epoch": epoch, **means, "lr": optimizer.param_groups[0]["lr"],
+    return {"epoch": epoch, **means, "lr": float(optimizer.param_groups[0]["lr"]),
             "samples_per_s": schedule.steps_per_epoch * global_batch / seconds}
 
 
@@ -165,28 +217,34 @@ def fit(task: TrainingTask) -> None:
     """Train ``task`` on this Ray Train worker from its last checkpoint (if any) to its last epoch."""
     settings = task.settings
     rank, world, device = raytrain.worker_context()
-    task.rank, task.world_size = rank, world
+    task.rank, task.world_size, task.compile_mode = rank, world, resolve(task.compile, device)
     seed_everything(settings.seed + rank)
-    net = raytrain.prepare_model(task.build_model(rank))
-    model = unwrap(net)
-    optimizer = build_optimizer(model, settings.optim)
+    model = task.build_model(rank)
+    net = raytrain.prepare_model(step_module(task, model, task.compile_mode))  # on the device, DDP when several
+    compiled_update = task.compile_mode != "none" and device.type == "cuda"  # see compiled.optimizer_update
+    optimizer = build_optimizer(model, settings.optim, compiled=compiled_update)
     tracker = task.tracker if rank == 0 else None
     restored = raytrain.restore_checkpoint(model, optimizer, tracker) or {}
+    if compiled_update:
+        tensor_lrs(optimizer, device)
     task.load_state(restored)
     history = restored.get("history", [])  # rank 0's per-epoch metrics, kept in the checkpoints
     data = task.train_data()
     schedule = LrSchedule.for_run(settings.optim, epochs=settings.epochs, steps_per_epoch=data.steps_per_epoch,
                                   global_batch=settings.batch_size * world)
+    step = TrainStep(task, net, optimizer, task.compile_mode)
 
     for epoch in range(restored.get("epoch", -1) + 1, settings.epochs):
         rng = seed_epoch(settings.seed, rank, epoch)
         data.set_epoch(epoch)
         metrics = train_one_epoch(net, optimizer, data.loader, epoch=epoch, schedule=schedule,
-                                  step=partial(task.train_step, rng=rng),
+                                  step=partial(step, rng=rng),
                                   loss_names=task.loss_names, device=device, global_batch=settings.batch_size * world)
-        metrics |= task.evaluate(net, device, epoch)
+        metrics |= task.evaluate(model, device, epoch)
         last = epoch == settings.epochs - 1
-        files = task.final_files(net, device) if last else None
+        files = task.final_files(model, device) if last else None
+        if task.compile_mode != "none":  # graphs so far in this process: more in a later epoch = a recompile
+            metrics |= {f"compile/{name}": value for name, value in compile_counters().items()}
         state = None
         if rank == 0:
             raytrain.show(progress_line(task.label, epoch, settings.epochs, metrics))
@@ -199,4 +257,3 @@ def fit(task: TrainingTask) -> None:
             if last:
                 files[HISTORY_FILE] = history_csv(history)
         raytrain.report_epoch(metrics, state, files if rank == 0 else None)
-

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import model
-from pipeline.optim import build_optimizer, layer_id, lr_at, optimizer_step, param_groups, scaled_lrs, set_lr
+from pipeline.compiled import eager_update
+from pipeline.optim import build_optimizer, layer_id, lr_at, param_groups, scaled_lrs, set_lr
 from pipeline.settings import OptimSettings
 
 # HiCMAE-B fine-tuning: 10 blocks per encoder and 2 fusion layers, so num_layers = 12 and ids run from 0 to 13.
@@ -119,8 +120,8 @@ def test_the_optimizer_scales_every_group_lr(base_classifier):
 def test_optimizer_step_clips_the_gradient_norm():
     layer = torch.nn.Linear(4, 4)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
-    loss = (layer(torch.full((2, 4), 100.0)) ** 2).sum()
-    optimizer_step(optimizer, loss, layer.parameters(), clip_grad=1.0)
+    (layer(torch.full((2, 4), 100.0)) ** 2).sum().backward()
+    eager_update(optimizer, layer.parameters(), clip_grad=1.0)()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in layer.parameters()]))
     assert norm.item() == pytest.approx(1.0, rel=1e-5)
 

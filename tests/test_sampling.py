@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.config import ScalingSettings
 from pipeline.data import clip_catalog, verified_shards
 from pipeline.finetune import FinetuneTask
 from pipeline.folds import fold_config
@@ -58,14 +59,15 @@ def clip_numbers(batch: dict) -> list[int]:
 def finetune_loader(info, clips, shards, *, rank: int, world_size: int, batch: int, loader_workers: int = 0):
     settings = FinetuneSettings(batch_size=batch, protocol="reference", augment={"rand_augment": False})
     split = {"train": [c.clip_id for c in clips if c.fold != 1], "val": [], "test": []}
-    task = FinetuneTask(fold_config(settings, info, 1, split, clip_catalog(shards), None, loader_workers))
+    task = FinetuneTask(fold_config(settings, info, 1, split, clip_catalog(shards), None,
+                                    ScalingSettings(loader_workers=loader_workers)))
     task.rank, task.world_size = rank, world_size  # as training.fit sets them
     return task.train_data()
 
 
 def pretrain_loader(shards, *, rank: int, world_size: int, loader_workers: int = 0):
     settings = PretrainSettings(batch_size=BATCH, model={"size": "hicmae_test"})
-    task = PretrainTask(pretrain_config(settings, shards, loader_workers))
+    task = PretrainTask(pretrain_config(settings, shards, ScalingSettings(loader_workers=loader_workers)))
     task.rank, task.world_size = rank, world_size
     return task.train_data()
 
