@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -232,27 +233,44 @@ def run_pipeline(todo: list[VideoInput], model: str, options: dict, card: dict, 
             ray.shutdown()
 
 
-def predict_many(inputs: list, model: str | Path, out: str | Path | None = None, embeddings: str | Path | None = None,
-                 *, size: str | None = None, classes: list[str] | None = None, targets: list[str] | None = None,
-                 device: str = "auto", workers: int | None = None, model_workers: int | None = None,
-                 batch_size: int = 16, progress: bool = True) -> list[dict]:
-    """Predict on every input (video files, folders, clip lists: ``predict_inputs.collect_inputs``; or
-    ``VideoInput``s) with ``model``; returns the inputs' rows in their order, as ``out`` (``.csv``, with the
-    ``.jsonl`` beside it) holds them, and writes each ok clip's embeddings to the Parquet file ``embeddings``.
+def failure_reason(row: dict) -> str | None:
+    """A row's failure (``unreadable``, ``no_face``, ...), None when it is ok."""
+    return None if row["status"] == "ok" else row["status"].split(":")[0]
 
-    ``device``: ``auto`` (the cluster's GPUs when it has any), ``cpu`` or ``cuda``. ``workers``: CPU actors
-    (default: one per CPU), ``model_workers``: model actors (default: one per GPU, else one); ``batch_size``:
-    windows per model call. Inputs that already have a row in ``out`` are not predicted again.
-    """
+
+@dataclass
+class RunSummary:
+    """What one run did, for its closing line."""
+
+    inputs: int
+    before: int
+    failed: Counter
+    seconds: float
+    files: list
+
+    def line(self) -> str:
+        """'predict: 12 inputs: 10 ok, 2 failed (no_audio_stream 1, unreadable 1); 0 done before, 12 now in 30.1 s
+        (0.40 clips/s) -> predictions.csv, predictions.jsonl, embeddings.parquet'."""
+        failed = sum(self.failed.values())
+        reasons = f" ({', '.join(f'{reason} {n}' for reason, n in sorted(self.failed.items()))})" if failed else ""
+        now = self.inputs - self.before
+        return (f"predict: {self.inputs} inputs: {self.inputs - failed} ok, {failed} failed{reasons}; {self.before} "
+                f"done before, {now} now in {self.seconds:.1f} s ({now / max(self.seconds, 1e-9):.2f} clips/s)"
+                + (f" -> {', '.join(map(str, self.files))}" if self.files else ""))
+
+
+def predict_into_table(inputs: list, model: str | Path, out: str | Path | None, embeddings: str | Path | None, *,
+                       options: dict, device: str, workers: int | None, model_workers: int | None, batch_size: int,
+                       progress: bool) -> tuple[PredictionTable, list[VideoInput], RunSummary]:
+    """Predict the inputs ``out`` has no row for into its table; the table, the inputs and what the run did."""
     vetted = inputs and all(isinstance(item, VideoInput) for item in inputs)
     items = list(inputs) if vetted else collect_inputs(inputs)
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device {device!r}: auto, cpu or cuda")
-    options = {"size": size, "classes": classes, "targets": targets}
     _, card = load_model(model, **options)  # a model that cannot be used fails here, before Ray starts
     table = PredictionTable.open(out, embeddings, names=output_names(card), model=model_identity(model, card))
     todo = [item for item in items if not table.done(item.key())]
-    failed = Counter(row["status"].split(":")[0] for row in table.rows(items) if row["status"] != "ok")
+    failed = Counter(table.failures[item.key()] for item in items if item.key() in table.failures)
     started = time.perf_counter()
     try:
         if todo:
@@ -263,36 +281,43 @@ def predict_many(inputs: list, model: str | Path, out: str | Path | None = None,
                                                       device=device, workers=workers, model_workers=model_workers,
                                                       batch_size=batch_size):
                     table.add(row, embedding)
-                    if row["status"] != "ok":
-                        failed[row["status"].split(":")[0]] += 1
+                    if failure_reason(row):
+                        failed[failure_reason(row)] += 1
                     bar.update(1)
                     bar.set_postfix(failed=sum(failed.values()))
     finally:
         table.close()
-    rows = table.rows(items)
+    files = [*(table_paths(out) if out is not None else ()), *([embeddings] if embeddings is not None else [])]
+    return table, items, RunSummary(len(items), len(items) - len(todo), failed, time.perf_counter() - started, files)
+
+
+def predict_many(inputs: list, model: str | Path, out: str | Path | None = None, embeddings: str | Path | None = None,
+                 *, size: str | None = None, classes: list[str] | None = None, targets: list[str] | None = None,
+                 device: str = "auto", workers: int | None = None, model_workers: int | None = None,
+                 batch_size: int = 16, progress: bool = True) -> list[dict]:
+    """Predict on every input (video files, folders, clip lists: ``predict_inputs.collect_inputs``; or
+    ``VideoInput``s) with ``model``; returns the inputs' rows in their order, as ``out`` (``.csv``, with the
+    ``.jsonl`` beside it; None: no file) holds them, and writes each ok clip's embeddings to the Parquet file
+    ``embeddings``.
+
+    ``device``: ``auto`` (the cluster's GPUs when it has any), ``cpu`` or ``cuda``. ``workers``: CPU actors
+    (default: one per CPU), ``model_workers``: model actors (default: one per GPU, else one); ``batch_size``:
+    windows per model call. Inputs that already have a row in ``out`` are not predicted again.
+    """
+    table, items, summary = predict_into_table(
+        inputs, model, out, embeddings, options={"size": size, "classes": classes, "targets": targets},
+        device=device, workers=workers, model_workers=model_workers, batch_size=batch_size, progress=progress)
     if progress:
-        print(summary_line(rows, len(items) - len(todo), time.perf_counter() - started, out, embeddings),
-              file=sys.stderr)
-    return rows
+        print(summary.line(), file=sys.stderr)
+    return table.rows(items)
 
 
 def _progress(total: int, done: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=done, unit="clips", desc="predict", disable=not enabled, file=sys.stderr,
-                smoothing=0.1)
-
-
-def summary_line(rows: list[dict], before: int, seconds: float, out, embeddings) -> str:
-    """'predict: 12 inputs: 10 ok, 2 failed (no_audio_stream 1, unreadable 1); 0 done before, 12 now in 30.1 s
-    (0.40 clips/s) -> predictions.csv, predictions.jsonl, embeddings.parquet'."""
-    failed = Counter(row["status"].split(":")[0] for row in rows if row["status"] != "ok")
-    reasons = f" ({', '.join(f'{reason} {n}' for reason, n in sorted(failed.items()))})" if failed else ""
-    now = len(rows) - before
-    files = [*(table_paths(out) if out is not None else ()), *([embeddings] if embeddings is not None else [])]
-    return (f"predict: {len(rows)} inputs: {len(rows) - sum(failed.values())} ok, {sum(failed.values())} failed"
-            f"{reasons}; {before} done before, {now} now in {seconds:.1f} s ({now / max(seconds, 1e-9):.2f} clips/s)"
-            + (f" -> {', '.join(map(str, files))}" if files else ""))
+                smoothing=0.1, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
+                                         "{rate_noinv_fmt}{postfix}]")
 
 
 def is_batch(args) -> bool:
@@ -319,10 +344,16 @@ def predict_many_command(args) -> int:
             raise InputError("several videos make a table: give --out predictions.csv (a .jsonl is written beside it)")
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         classes, targets = names_option(args.classes, args.targets)
-        predict_many(args.inputs, args.model, args.out, args.embeddings, size=args.size, classes=classes,
-                     targets=targets, device=args.device or "auto", workers=args.workers,
-                     model_workers=args.model_workers, batch_size=args.batch_size)
+        _, _, summary = predict_into_table(
+            args.inputs, args.model, args.out, args.embeddings,
+            options={"size": args.size, "classes": classes, "targets": targets}, device=args.device or "auto",
+            workers=args.workers, model_workers=args.model_workers, batch_size=args.batch_size, progress=True)
     except (InputError, FileNotFoundError, ValueError) as err:
         print(f"hicmae predict: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"hicmae predict: interrupted; the finished rows are in {args.out}: run the same command again to "
+              "do the rest", file=sys.stderr)
+        return 130
+    print(summary.line(), file=sys.stderr)
     return 0

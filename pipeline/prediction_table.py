@@ -2,19 +2,19 @@
 part), and the clips' embeddings in a Parquet file; written so that a run killed at any moment leaves whole rows
 only, none twice, and a re-run with the same files does only what is missing.
 
-    table = PredictionTable.open("predictions.csv", "embeddings.parquet", task="classification", names=classes,
-                                 model="<weights sha256>")
+    table = PredictionTable.open("predictions.csv", "embeddings.parquet", names=classes, model="<weights sha256>")
     todo = [item for item in inputs if not table.done(item.key())]
     table.add(row, embedding)     # kept in memory until the next commit
     table.close()                 # commits what is left
 
 A commit replaces each file by a copy of itself with the new rows appended (written beside it, synced, renamed:
-``preprocessing.fileio.atomic_path``), the embeddings first, then the JSONL, then the CSV. Commits come at most
-every ``COMMIT_SECONDS``, and never more often than ten times the time the last one took, so rewriting stays a
-small share of a long run. Opening a table reconciles what a kill between two renames can leave: the JSONL is
+``preprocessing.fileio.atomic_path``), the embeddings first, then the JSONL, then the CSV. Commits are at least
+``COMMIT_SECONDS`` apart, and at least ten times as long apart as the last one took, so rewriting stays a small
+share of a long run (and a kill loses at most that long's finished rows, which the next run redoes). Opening a table reconciles what a kill between two renames can leave: the JSONL is
 the record (a row is done when it is there; an ``ok`` row needs its embeddings too when an embeddings file is
 given), embeddings without their row are dropped, and the CSV is rebuilt from the JSONL. Rows of another model
-are refused. Memory holds the done keys and the rows of one commit, whatever the number of inputs.
+are refused, and so is a new table (no JSONL yet) whose CSV or embeddings file exists already. Memory holds the
+done keys, the failures and the rows of one commit, whatever the number of inputs.
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ class PredictionTable:
         self.names, self.model = list(names), model
         csv_columns(self.names)  # clashes fail before anything runs
         self.keys: set[tuple] = set()
+        self.failures: dict[tuple, str] = {}  # key -> failure reason (unreadable, no_face, ...) of each failed row
         self.memory: list[dict] = []  # the rows, when there is no file to hold them
         self.pending: list[tuple[dict, dict | None]] = []
         self.last_commit, self.commit_seconds = time.monotonic(), 0.0
@@ -174,11 +175,15 @@ class PredictionTable:
         table = cls(out, embeddings, names=names, model=model)
         if table.jsonl is not None and table.jsonl.exists():
             table._reconcile()
+            return table
+        for path in (table.csv, table.embeddings):
+            if path is not None and path.exists():
+                record = f"its table {table.jsonl} does not" if table.jsonl else "no table is kept (out=None)"
+                raise TableError(f"{path}: exists, and {record}: remove it, or give another file")
         return table
 
     def _reconcile(self) -> None:
         with_embeddings = parquet_keys(self.embeddings) if self.embeddings is not None else None
-        kept, dropped = 0, 0
         with atomic_path(self.jsonl) as tmp, tmp.open("w", encoding="utf-8") as handle:
             for number, row in enumerate(jsonl_rows(self.jsonl), start=1):
                 if row.get("model") != self.model:
@@ -187,11 +192,11 @@ class PredictionTable:
                 key = row_key(row)
                 missing = with_embeddings is not None and row["status"] == "ok" and key not in with_embeddings
                 if key in self.keys or missing:
-                    dropped += 1
                     continue
                 self.keys.add(key)
+                if row["status"] != "ok":
+                    self.failures[key] = row["status"].split(":")[0]
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                kept += 1
         with atomic_path(self.csv) as tmp:
             tmp.write_text(csv_text([], self.names, header=True), encoding="utf-8")
             with tmp.open("a", encoding="utf-8") as handle:
@@ -209,6 +214,8 @@ class PredictionTable:
         """A finished input's row (and its embeddings, when the table keeps them); committed in time."""
         row = {**row, "model": self.model}
         self.keys.add(row_key(row))
+        if row["status"] != "ok":
+            self.failures[row_key(row)] = row["status"].split(":")[0]
         self.pending.append((row, embedding))
         wait = max(COMMIT_SECONDS, 10 * self.commit_seconds)
         if time.monotonic() - self.last_commit >= wait:
