@@ -196,6 +196,15 @@ def model_identity(model: str | Path, card: dict) -> str:
     return card.get("weights_sha256") or sha256_file(model)
 
 
+def cpu_claims(cpus: int, workers: int, model_workers: int, gpus: int) -> tuple[float, float]:
+    """The Ray CPUs each CPU actor and each model actor claim: ``CPUS_PER_WORKER`` and one (half without a GPU to
+    feed), less where that many actors would claim more than the cluster's ``cpus`` (a claim that cannot be met
+    would leave an actor waiting for ever)."""
+    model_cpus = 1.0 if gpus else CPUS_PER_WORKER
+    scale = min(1.0, cpus / (workers * CPUS_PER_WORKER + model_workers * model_cpus))
+    return CPUS_PER_WORKER * scale, model_cpus * scale
+
+
 def run_pipeline(todo: list[VideoInput], model: str, options: dict, card: dict, *, embeddings: bool, device: str,
                  workers: int | None, model_workers: int | None, batch_size: int):
     """Yield (index into ``todo``, row, embeddings or None) as clips finish, from the Ray Data pipeline."""
@@ -212,14 +221,15 @@ def run_pipeline(todo: list[VideoInput], model: str, options: dict, card: dict, 
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         workers = workers or max(1, min(len(todo), cpus))
         model_workers = model_workers or max(1, gpus)
+        worker_cpus, model_cpus = cpu_claims(cpus, workers, model_workers, gpus)
         items = [{"index": index, "input": json.dumps(item.to_dict())} for index, item in enumerate(todo)]
         dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
         dataset = dataset.map_batches(
-            ClipWindows, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=CPUS_PER_WORKER,
+            ClipWindows, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=worker_cpus,
             fn_constructor_kwargs={"preprocess": card["preprocess"], "window": card["window"]})
         dataset = dataset.map_batches(
             WindowModel, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=model_workers),
-            num_gpus=1 if gpus else 0, num_cpus=1,
+            num_gpus=1 if gpus else 0, num_cpus=model_cpus,
             fn_constructor_kwargs={"model": str(model), "options": options, "device": "cuda" if gpus else "cpu",
                                    "embeddings": embeddings, "threads": 1})
         assembler = ClipAssembler(output_names(card), card["task"])

@@ -10,11 +10,13 @@ only, none twice, and a re-run with the same files does only what is missing.
 A commit replaces each file by a copy of itself with the new rows appended (written beside it, synced, renamed:
 ``preprocessing.fileio.atomic_path``), the embeddings first, then the JSONL, then the CSV. Commits are at least
 ``COMMIT_SECONDS`` apart, and at least ten times as long apart as the last one took, so rewriting stays a small
-share of a long run (and a kill loses at most that long's finished rows, which the next run redoes). Opening a table reconciles what a kill between two renames can leave: the JSONL is
-the record (a row is done when it is there; an ``ok`` row needs its embeddings too when an embeddings file is
-given), embeddings without their row are dropped, and the CSV is rebuilt from the JSONL. Rows of another model
-are refused, and so is a new table (no JSONL yet) whose CSV or embeddings file exists already. Memory holds the
-done keys, the failures and the rows of one commit, whatever the number of inputs.
+share of a long run (a kill loses at most that long's finished rows, which the next run redoes).
+
+Opening a table reconciles what a kill between two renames can leave: the JSONL is the record (a row is done when
+it is there; an ``ok`` row needs its embeddings too when an embeddings file is given), embeddings without their
+row are dropped, and the CSV is rebuilt from the JSONL. Rows of another model are refused, and so is a new table
+(no JSONL yet) whose CSV or embeddings file exists already. Memory holds the done keys, the failures and the rows
+of one commit, whatever the number of inputs.
 """
 
 from __future__ import annotations
