@@ -4,13 +4,14 @@ clips through preprocessing like any dataset's (real media from tests/media.py).
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from media import speech_wav, write_clip
 
-from pipeline.config import CUSTOM_ADAPTER, ConfigError, load_dataset_config
+from pipeline.config import CUSTOM_ADAPTER, PROJECT_ROOT, ConfigError, load_dataset_config
 from preprocessing.datasets import DatasetLayoutError, build_manifest, custom
 from preprocessing.datasets.clip_list import SHOWN_PROBLEMS
 from preprocessing.manifest import write_manifest
@@ -192,3 +193,20 @@ def test_the_dataset_config_takes_the_adapter_options_and_names_a_bad_key(tmp_pa
         with pytest.raises(ConfigError, match=f"^{conf}: {message}"):
             load_dataset_config("mine", tmp_path)
     assert CUSTOM_ADAPTER == custom.NAME
+
+
+def test_the_documented_example_is_a_dataset(tmp_path):
+    """docs/datasets.md's copy-paste example: its conf file validates and its list reads (its files created here)."""
+    text = (PROJECT_ROOT / "docs" / "datasets.md").read_text().split("## Your own videos")[1].split("\n## ")[0]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", text, re.S)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf/mine.yaml").write_text(next(body for kind, body in blocks if "adapter: custom" in body))
+    config = load_dataset_config("mine", tmp_path / "conf")
+    root = tmp_path / "data" / "mine"
+    listed = next(body for kind, body in blocks if kind == "csv").replace("/archive", str(tmp_path / "archive"))
+    write_list(root / config.list_file, *listed.strip().splitlines())
+    for line in listed.strip().splitlines()[1:]:
+        path = line.split(",")[0]
+        touch(Path(path) if path.startswith("/") else root / path)
+    info, clips = build_manifest(config.adapter, root, **{**config.adapter_options("mine"), "folds": 2})
+    assert info.classes == config.classes and len(clips) == 4 and info.num_folds == 2

@@ -23,7 +23,7 @@ from pipeline import cli
 from pipeline.export import export_model
 from pipeline.predict import predict
 from pipeline.predict_inputs import collect_inputs
-from pipeline.prediction_table import EMBEDDINGS, PredictionTable, TableError, csv_columns
+from pipeline.prediction_table import EMBEDDINGS, PredictionTable, TableError, csv_columns, csv_text
 from preprocessing.manifest import DatasetInfo
 
 CLASSES = ["neutral", "happy", "angry", "sad"]
@@ -217,6 +217,18 @@ def test_a_table_reopened_after_a_kill_drops_what_a_commit_left_half_done(tmp_pa
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 2
     with pytest.raises(TableError, match=r"p.jsonl:1: a prediction of another model \(m1, not m2\)"):
         PredictionTable.open(tmp_path / "p.csv", None, names=CLASSES, model="m2")
+
+
+def test_a_regression_model_has_a_table_column_per_target():
+    row = {"id": "a.mp4", "path": "/v/a.mp4", "start": None, "end": None, "status": "ok", "duration": 3.1, "windows": 2,
+           "clip": {"values": {"valence": 0.5, "arousal": -0.25}},
+           "face": {"frames": 78, "detected": 70, "fraction": 0.8974, "tracks": 1, "cuts": 0}}
+    flat = next(csv.DictReader(csv_text([row], ["valence", "arousal"], header=True).splitlines()))
+    assert flat == {"id": "a.mp4", "path": "/v/a.mp4", "start": "", "end": "", "status": "ok", "label": "",
+                    "valence": "0.5", "arousal": "-0.25", "duration": "3.1", "windows": "2", "face_frames": "78",
+                    "face_detected": "70", "face_fraction": "0.8974", "face_tracks": "1", "face_cuts": "0"}
+    with pytest.raises(TableError, match=r"outputs named \['status'\] clash"):
+        csv_columns(["status", "calm"])
 
 
 def test_the_command_refuses_a_preview_or_no_table_for_many_videos(videos, model, monkeypatch, capsys):
