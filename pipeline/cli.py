@@ -6,6 +6,7 @@
     hicmae finetune   --dataset demo [--set finetune.epochs=3]
     hicmae report
     hicmae predict VIDEO --model runs/demo/finetune/fold-1/model [--out r.json] [--preview p.png|p.mp4]
+    hicmae predict VIDEO|FOLDER|LIST ... --model M --out predictions.csv [--embeddings e.parquet]   (Ray Data)
     hicmae export --dataset demo --fold 1   (a fold's newest fine-tuning checkpoint, e.g. unfinished)
     hicmae ablations [--run | --queue] [NAME ...]   (conf/ablations.yaml as DVC experiments)
 
@@ -33,7 +34,7 @@ COMMANDS = {
     "pretrain": ("pipeline.pretrain", "stage_pretrain"),
     "finetune": ("pipeline.folds", "stage_finetune"),
     "report": ("pipeline.report", "stage_report"),
-    "predict": ("pipeline.predict", "predict_command"),
+    "predict": ("pipeline.predict_many", "predict_many_command"),
     "export": ("pipeline.export", "export_command"),
     "ablations": ("pipeline.ablations", "ablations_command"),
 }
@@ -51,17 +52,26 @@ def _parser() -> argparse.ArgumentParser:
         commands.add_parser(name).add_argument("--dataset", required=True)
     commands.add_parser("pretrain")
     commands.add_parser("report")
-    predict = commands.add_parser("predict", help="the emotion in one video file: face track, windows, clip")
-    predict.add_argument("video", help="a video file with a face and sound")
+    predict = commands.add_parser("predict", help="the emotion in videos: one video's face track, windows and clip "
+                                                  "(JSON), or a table of many")
+    predict.add_argument("inputs", nargs="+", metavar="VIDEO",
+                         help="video files, folders (searched recursively) or clip lists (.csv, .jsonl: a path column)")
     predict.add_argument("--model", required=True,
                          help="an exported model (folder or .safetensors) or a reference fine-tuned .pth")
-    predict.add_argument("--out", help="result JSON (default: <video name>.prediction.json here)")
-    predict.add_argument("--preview", help="also write frames with the face box and label: .png or .mp4")
+    predict.add_argument("--out", help="one video: its result JSON (default: <video name>.prediction.json here); "
+                                       "many: the table, .csv with a .jsonl beside it (re-running it resumes)")
+    predict.add_argument("--preview", help="one video: also write frames with the face box and label: .png or .mp4")
+    predict.add_argument("--embeddings", help="also write each clip's video, audio and fused embeddings (.parquet)")
+    predict.add_argument("--workers", type=int, help="many: CPU actors decoding and finding faces (default: one per "
+                                                     "CPU)")
+    predict.add_argument("--model-workers", type=int, help="many: model actors (default: one per GPU, else one)")
+    predict.add_argument("--batch-size", type=int, default=16, help="many: windows per model call")
     predict.add_argument("--size", help="reference .pth only: hicmae_tiny, hicmae_small or hicmae_base")
     predict.add_argument("--classes", help="reference .pth only: class names in label order, comma-separated, "
                                            "or a dataset name (crema-d, mafw, ...)")
     predict.add_argument("--targets", help="reference .pth of a regression model: target names in order")
-    predict.add_argument("--device", default="cpu", help="cpu or cuda")
+    predict.add_argument("--device", help="cpu or cuda (one video, default cpu), or auto (many: GPUs where the Ray "
+                                          "cluster has them; the default)")
     export = commands.add_parser("export", help="export a fine-tuning checkpoint (safetensors + model card)")
     export.add_argument("--dataset", required=True)
     export.add_argument("--fold", type=int, help="export the newest Ray checkpoint of this fold's fine-tuning")

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from preprocessing.errors import InputError
 from preprocessing.settings import EXECUTION_FIELDS, PreprocessSettings
@@ -131,15 +140,49 @@ class DataParams(Strict):
         return self.datasets[name]
 
 
+CUSTOM_ADAPTER = "custom"  # preprocessing.datasets.custom: a dataset from a clip list, with the options below
+CUSTOM_OPTIONS = {"list_file": "list", "classes": "classes", "targets": "targets", "folds": "folds"}
+
+
 class DatasetConfig(Strict):
-    """``conf/datasets/<name>.yaml``: which adapter reads a dataset and how its training differs from the defaults.
+    """``conf/datasets/<name>.yaml``: which adapter reads a dataset, its options, and how its training differs from
+    the defaults.
 
     (Where the dataset lives is in ``params.yaml`` under ``datasets``, so DVC can track the folder.)
     """
 
     adapter: str
+    list_file: str | None = Field(None, alias="list", description="custom: the clip list (.csv or .jsonl), relative "
+                                  "to the dataset root; default list.csv")
+    classes: list[str] | None = Field(None, min_length=2, description="custom: class names in label order; default: "
+                                      "the list's labels, sorted")
+    targets: list[str] | None = Field(None, min_length=1, description="custom: regression targets, one list column "
+                                      "each, in output order (instead of classes)")
+    folds: int | None = Field(None, ge=2, description="custom: folds to make when the list has no fold column "
+                              "(default 5)")
     finetune: dict[str, Any] = Field(default_factory=dict, description="overrides of params' finetune section")
     _source: str = PrivateAttr("conf/datasets/<name>.yaml")
+
+    @field_validator("list_file", "classes", "targets", "folds")
+    @classmethod
+    def _custom_option(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        if info.data.get("adapter") != CUSTOM_ADAPTER:
+            raise ValueError(f"an option of adapter {CUSTOM_ADAPTER} only")
+        if isinstance(value, list) and len(set(value)) < len(value):
+            raise ValueError("names appear more than once")
+        if info.field_name == "targets" and info.data.get("classes"):
+            raise ValueError("give classes (classification) or targets (regression), not both")
+        return value
+
+    def adapter_options(self, dataset: str) -> dict[str, Any]:
+        """What the adapter's ``build_manifest`` takes besides the root: for ``custom``, the dataset's name and the
+        options given here."""
+        if self.adapter != CUSTOM_ADAPTER:
+            return {}
+        given = {name: getattr(self, name) for name in CUSTOM_OPTIONS if getattr(self, name) is not None}
+        return {"dataset": dataset, **given}
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:

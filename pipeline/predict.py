@@ -2,9 +2,12 @@
 
     hicmae predict clip.mp4 --model runs/demo/finetune/fold-1/model --out result.json --preview preview.png
     hicmae predict clip.mp4 --model crema-d-fold1.pth --size hicmae_base --classes crema-d
+    hicmae predict clip.mp4 --model ... --embeddings clip.parquet     # also the clip's embeddings
 
     from pipeline.predict import predict
     result = predict("clip.mp4", "runs/demo/finetune/fold-1/model", out="result.json", preview="preview.mp4")
+
+(Many videos at once, batched on Ray Data into one table: ``pipeline.predict_many``.)
 
 The video takes exactly the path of a training clip: ``load_clip_media`` (decode, face detection and tracking,
 alignment and crop, log-mel, with the model's PreprocessSettings), the shard encoding (JPEG crops, float16
@@ -22,10 +25,8 @@ import argparse
 import json
 import math
 import sys
-from fractions import Fraction
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -35,22 +36,21 @@ from preprocessing.decode import MediaError, open_media
 from preprocessing.face import X0, X1, Y0, Y1
 from preprocessing.face_detect import DETECTORS, FaceDetector, native_logs_hidden
 from preprocessing.fbank import FRAMES_PER_SECOND
-from preprocessing.fileio import atomic_path, atomic_write_text
+from preprocessing.fileio import atomic_write_text
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample, encode_sample
 
 from .data import collate
+from .evaluation import eval_forward, model_inputs
 from .examples import finetune_eval_examples, window_starts
 from .export import load_exported, output_names
+from .predict_inputs import file_input
+from .prediction_table import write_embeddings
+from .preview import PREVIEW_SUFFIXES, label_text, save_preview
 from .settings import WindowSettings
 from .video_batch import device_batch
 
-PREVIEW_SUFFIXES = (".png", ".mp4")
 BATCH_SIZE = 8
-PNG_PANELS = 8  # window frames shown in a PNG preview (evenly chosen when there are more windows)
-# Face box colour: detected in this frame by short range / by full range on tiles (small faces), or filled in.
-BOX_COLOURS = {"short_range": (40, 220, 40), "full_range_tiles": (0, 160, 255), None: (240, 200, 0)}
-BOX_LEGEND = {"short_range": "short range", "full_range_tiles": "full range, tiles", None: "filled in"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,22 +129,39 @@ def as_shard_sample(media: ClipMedia, settings: PreprocessSettings, name: str):
     return decode_sample(encode_sample(media.crops, media.fbank, meta, settings.jpeg_quality))
 
 
-@torch.no_grad()
-def predict_windows(net: HiCMAEClassifier, sample, window: WindowSettings, task: str,
-                    device: str = "cpu") -> tuple[list[int], np.ndarray]:
-    """Evaluate windows covering the whole clip: (start frames, (windows, outputs) probabilities or values)."""
+def clip_examples(sample, window: WindowSettings) -> tuple[list[int], list[dict]]:
+    """The evaluation windows that cover the whole clip: their start frames and their examples."""
     views = max(1, math.ceil(len(sample.frames) / window.span))
-    examples = finetune_eval_examples(sample, 0, window=window, views=views)
-    outputs = []
-    for first in range(0, len(examples), BATCH_SIZE):
-        batch = device_batch(collate(examples[first:first + BATCH_SIZE]), device)
-        inputs = [batch[m] if m in net.modalities else None for m in ("video", "audio")]
-        out = net(*inputs).float()                                         # (B, outputs)
-        outputs.append((out.softmax(-1) if task == "classification" else out).cpu().numpy())
-    return window_starts(len(sample.frames), window.span, views), np.concatenate(outputs)
+    return (window_starts(len(sample.frames), window.span, views),
+            finetune_eval_examples(sample, 0, window=window, views=views))
 
 
-def _named(values: np.ndarray, names: list[str], task: str) -> dict:
+@torch.no_grad()
+def window_outputs(net: HiCMAEClassifier, batch: dict, task: str, device: str = "cpu",
+                   embeddings: bool = False) -> dict[str, np.ndarray]:
+    """A collated batch of B windows through the model as evaluation runs it (``evaluation.eval_forward``):
+    ``output`` (B, outputs), probabilities or values; with ``embeddings`` also what the head sees: ``video`` and
+    ``audio`` (B, C), each modality's hierarchical embedding, and ``fused`` (B, D), the head's input."""
+    values = eval_forward(net, *model_inputs(net, device_batch(batch, device)), task == "classification")
+    return {name.removeprefix("embedding/"): value.cpu().numpy() for name, value in values.items()
+            if embeddings or not name.startswith("embedding/")}
+
+
+def clip_mean(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A clip's outputs and embeddings: the mean over its windows of each of ``window_outputs``."""
+    return {name: values.mean(axis=0) for name, values in outputs.items()}
+
+
+def predict_windows(net: HiCMAEClassifier, sample, window: WindowSettings, task: str, device: str = "cpu",
+                    embeddings: bool = False) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Evaluate windows covering the whole clip: (start frames, ``window_outputs`` of all the windows)."""
+    starts, examples = clip_examples(sample, window)
+    parts = [window_outputs(net, collate(examples[first:first + BATCH_SIZE]), task, device, embeddings)
+             for first in range(0, len(examples), BATCH_SIZE)]
+    return starts, {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def named_output(values: np.ndarray, names: list[str], task: str) -> dict:
     """One window's (or the clip's) output as JSON: probabilities and label, or target values."""
     rounded = {name: round(float(v), 6) for name, v in zip(names, values, strict=True)}
     if task == "classification":
@@ -152,12 +169,17 @@ def _named(values: np.ndarray, names: list[str], task: str) -> dict:
     return {"values": rounded}
 
 
-def window_entry(media: ClipMedia, start: int, span: int, values: np.ndarray, names: list[str], task: str) -> dict:
-    """One window of the result: its time span (s), its frames [first, end) and its output."""
+def window_span(media: ClipMedia, start: int, span: int) -> dict:
+    """Where a window lies: its time span (s) and its frames [first, end)."""
     end = min(start + span, len(media.crops))
     fps = media.video.fps
     return {"start": round(media.origin + start / fps, 3), "end": round(media.origin + end / fps, 3),
-            "frames": [start, end], **_named(values, names, task)}
+            "frames": [start, end]}
+
+
+def window_entry(media: ClipMedia, start: int, span: int, values: np.ndarray, names: list[str], task: str) -> dict:
+    """One window of the result: its time span (s), its frames [first, end) and its output."""
+    return {**window_span(media, start, span), **named_output(values, names, task)}
 
 
 def stored_size(path: Path) -> tuple[int, int]:
@@ -167,6 +189,14 @@ def stored_size(path: Path) -> tuple[int, int]:
             raise MediaError("no_video_stream", path, "the file has no video stream")
         context = container.streams.video[0].codec_context
         return context.width, context.height
+
+
+def face_summary(media: ClipMedia) -> dict:
+    """The clip's face detection in numbers: frames, frames with the face detected (and their share), face tracks,
+    hard cuts, and the frames each detector pass found it in."""
+    stats = media.face
+    return {"frames": len(media.crops), "detected": stats.detected, "fraction": round(stats.fraction, 4),
+            "tracks": stats.tracks, "cuts": stats.cuts, "detector_frames": stats.detector_counts()}
 
 
 def face_track(media: ClipMedia, source_size: tuple[int, int]) -> list[dict]:
@@ -188,10 +218,11 @@ def face_track(media: ClipMedia, source_size: tuple[int, int]) -> list[dict]:
 
 
 def predict(video: str | Path, model: str | Path, out: str | Path | None = None,
-            preview: str | Path | None = None, *, size: str | None = None, classes: list[str] | None = None,
-            targets: list[str] | None = None, device: str = "cpu") -> dict:
-    """Predict the emotion in ``video`` with ``model``; writes the result JSON to ``out`` and a preview
-    (``.png`` grid of window frames, or ``.mp4`` with the box and label drawn) to ``preview`` when given.
+            preview: str | Path | None = None, *, embeddings: str | Path | None = None, size: str | None = None,
+            classes: list[str] | None = None, targets: list[str] | None = None, device: str = "cpu") -> dict:
+    """Predict the emotion in ``video`` with ``model``; writes the result JSON to ``out``, a preview (``.png`` grid
+    of window frames, or ``.mp4`` with the box and label drawn) to ``preview``, and the clip's embeddings (the
+    windows' mean, as ``pipeline.predict_many`` writes them) to the Parquet file ``embeddings``, when given.
 
     Raises ``MediaError`` (unreadable, no_audio_stream, too_short, no_face, ...) naming the file, and
     ``FileNotFoundError``/``ValueError`` for a model that cannot be used.
@@ -210,33 +241,27 @@ def predict(video: str | Path, model: str | Path, out: str | Path | None = None,
         media = load_clip_media(video, video, None, None, settings, detector, timings)
     task, names, window = card["task"], output_names(card), WindowSettings(**card["window"])
     with timed(timings, "model"):
-        starts, outputs = predict_windows(net, as_shard_sample(media, settings, video.name), window, task, device)
-    stats = media.face
+        starts, outputs = predict_windows(net, as_shard_sample(media, settings, video.name), window, task, device,
+                                          embeddings=embeddings is not None)
+    clip = clip_mean(outputs)
     source_size = (height, width) if media.video.rotation % 180 else (width, height)  # upright, as displayed
     result = {
         "input": str(video), "model": model_summary(card), "task": task,
         ("classes" if task == "classification" else "targets"): names,
         "fps": media.video.fps, "duration": round(media.video.duration, 3), "frame_size": list(source_size),
-        "face": {"frames": len(media.crops), "detected": stats.detected, "fraction": round(stats.fraction, 4),
-                 "tracks": stats.tracks, "cuts": stats.cuts, "detector_frames": stats.detector_counts(),
-                 "track": face_track(media, source_size)},
+        "face": {**face_summary(media), "track": face_track(media, source_size)},
         "windows": [window_entry(media, start, window.span, values, names, task)
-                    for start, values in zip(starts, outputs, strict=True)],
-        "clip": _named(outputs.mean(axis=0), names, task),
+                    for start, values in zip(starts, outputs["output"], strict=True)],
+        "clip": named_output(clip.pop("output"), names, task),
         "timings": {stage: round(seconds, 3) for stage, seconds in timings.items()},
     }
     if out is not None:
         atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
     if preview is not None:
         save_preview(preview, media, result)
+    if embeddings is not None:
+        write_embeddings(embeddings, [file_input(video)], [clip])
     return result
-
-
-def label_text(output: dict) -> str:
-    """'happy 71%' for a classification output, 'valence 0.31, arousal -0.12' for a regression one."""
-    if "label" in output:
-        return f"{output['label']} {output['probabilities'][output['label']]:.0%}"
-    return ", ".join(f"{name} {value:.2f}" for name, value in output["values"].items())
 
 
 def summary_text(result: dict) -> str:
@@ -249,118 +274,18 @@ def summary_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Previews
-
-
-def save_preview(path: str | Path, media: ClipMedia, result: dict) -> Path:
-    """Write a ``.png`` (window frames with the face box and label, and the clip's outputs as bars) or an
-    ``.mp4`` (every frame with the face box and the label of the nearest window)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in PREVIEW_SUFFIXES:
-        raise ValueError(f"{path}: a preview is written as .png or .mp4")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return preview_png(path, media, result) if suffix == ".png" else preview_mp4(path, media, result)
-
-
-def _box(media: ClipMedia, t: int) -> tuple[int, int, int, int]:
-    """The face box of frame t in decoded-frame pixels, clipped to the frame: (x0, y0, x1, y1)."""
-    height, width = media.video.frames.shape[1:3]
-    x0, y0, x1, y1 = media.geometry[t, [X0, Y0, X1, Y1]]
-    return (int(np.clip(x0, 0, width - 1)), int(np.clip(y0, 0, height - 1)), int(np.clip(x1, 0, width - 1)),
-            int(np.clip(y1, 0, height - 1)))
-
-
-def preview_png(path: Path, media: ClipMedia, result: dict) -> Path:
-    """A grid: one frame per window (its middle frame, face box coloured by the detector that found it, time span
-    and label) and a bar chart of the clip-level output."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    from .plots import save_figure
-
-    windows = result["windows"]
-    shown = [windows[round(i)] for i in np.linspace(0, len(windows) - 1, min(PNG_PANELS, len(windows)))]
-    columns = min(4, len(shown) + 1)
-    rows = math.ceil((len(shown) + 1) / columns)
-    fig = Figure(figsize=(3 * columns, 3.2 * rows), dpi=100, layout="constrained")
-    for i, window in enumerate(shown):
-        first, last = window["frames"]
-        t = min((first + last) // 2, len(media.video.frames) - 1)
-        x0, y0, x1, y1 = _box(media, t)
-        ax = fig.add_subplot(rows, columns, i + 1)
-        ax.imshow(media.video.frames[t])
-        detector = result["face"]["track"][t]["detector"]
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linewidth=2,
-                               edgecolor=np.array(BOX_COLOURS[detector]) / 255))
-        ax.set_title(f"{window['start']:.2f}-{window['end']:.2f} s\n{label_text(window)}\n"
-                     f"face: {BOX_LEGEND[detector]}", fontsize=9)
-        ax.axis("off")
-    ax = fig.add_subplot(rows, columns, len(shown) + 1)
-    clip = result["clip"]
-    values = clip.get("probabilities") or clip["values"]
-    ax.barh(list(values), list(values.values()), color="tab:blue")
-    ax.invert_yaxis()
-    ax.set_xlabel("probability" if "probabilities" in clip else "value")
-    ax.set_title(f"clip: {label_text(clip)}", fontsize=9)
-    return save_figure(fig, path)
-
-
-def frame_labels(result: dict, num_frames: int) -> list[str]:
-    """For every frame, the label text of the window whose centre is nearest to it."""
-    centres = np.array([(w["frames"][0] + w["frames"][1]) / 2 for w in result["windows"]])
-    texts = [label_text(w) for w in result["windows"]]
-    return [texts[int(np.argmin(np.abs(centres - t)))] for t in range(num_frames)]
-
-
-def draw_frame(frame: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int],
-               text: str) -> np.ndarray:
-    """A copy of (H, W, 3) RGB ``frame`` with the face box and ``text`` on a dark band at the top."""
-    image = frame.copy()
-    height, width = image.shape[:2]
-    font = max(0.5, width / 700)  # OpenCV font scale: ~20 px high text per unit
-    cv2.rectangle(image, box[:2], box[2:], colour, max(1, round(3 * font)))
-    band = round(30 * font)
-    image[:band] = (image[:band] * 0.35).astype(np.uint8)
-    cv2.putText(image, text, (round(8 * font), round(21 * font)), cv2.FONT_HERSHEY_SIMPLEX, font,
-                (255, 255, 255), max(1, round(1.5 * font)), cv2.LINE_AA)
-    return image
-
-
-def preview_mp4(path: Path, media: ClipMedia, result: dict) -> Path:
-    """Every decoded frame with the face box (green: found by short range, blue: by full range on tiles, yellow:
-    filled in), the window's label and the detector's name, h264."""
-    import av
-
-    frames = media.video.frames
-    height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # yuv420p needs even sides
-    labels = frame_labels(result, len(frames))
-    track = result["face"]["track"]
-    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(media.video.fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23"}
-        for t, frame in enumerate(frames):
-            detector = track[t]["detector"]
-            image = draw_frame(frame[:height, :width], _box(media, t), BOX_COLOURS[detector],
-                               f"{labels[t]}  [{BOX_LEGEND[detector]}]")
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode(None))
-    return path
-
-
 def predict_command(args) -> int:
-    """``hicmae predict``: a short summary on stdout, the JSON in a file; a bad input is one line on stderr."""
-    out = args.out or f"{Path(args.video).name}.prediction.json"
+    """``hicmae predict VIDEO``: a short summary on stdout, the JSON in a file; a bad input is one line on stderr."""
+    video = args.inputs[0]
+    out = args.out or f"{Path(video).name}.prediction.json"
     try:
         classes, targets = names_option(args.classes, args.targets)
-        result = predict(args.video, args.model, out, args.preview, size=args.size, classes=classes,
-                         targets=targets, device=args.device)
+        result = predict(video, args.model, out, args.preview, embeddings=args.embeddings, size=args.size,
+                         classes=classes, targets=targets, device=args.device or "cpu")
     except (MediaError, FileNotFoundError, ValueError) as err:
         print(f"hicmae predict: error: {err}", file=sys.stderr)
         return 1
     print(summary_text(result))
-    print(f"wrote {out}" + (f" and {args.preview}" if args.preview else ""))
+    print(f"wrote {', '.join(str(path) for path in (out, args.preview, args.embeddings) if path)}")
     return 0
 

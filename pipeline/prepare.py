@@ -29,7 +29,8 @@ def stage_manifest(params: DataParams, dataset: str) -> Path:
     """Run the dataset's adapter on its folder (``params.datasets[dataset].root``) and hash its media."""
     root = params.dataset(dataset).root_path()
     layout = Layout.current()
-    info, clips = build_manifest(load_dataset_config(dataset).adapter, root)
+    config = load_dataset_config(dataset)
+    info, clips = build_manifest(config.adapter, root, **config.adapter_options(dataset))
     clips = hash_media(clips, root, cache=layout.media_hash_cache(dataset), progress=True)
     path = write_manifest(layout.data(dataset).manifest, info, clips)
     print(f"{dataset}: {len(clips)} clips -> {path}")

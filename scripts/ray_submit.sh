@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Run a training stage of the DAG as a Ray job on an existing Ray cluster, streaming its log until it ends.
+# Run a training stage of the DAG (or any hicmae command) as a Ray job on an existing Ray cluster, streaming its
+# log until it ends.
 #
 #   export RAY_ADDRESS=http://head:8265
 #   scripts/ray_submit.sh [--params FILE] [--env KEY=VALUE ...] [--set KEY=VALUE ...] pretrain
 #   scripts/ray_submit.sh finetune --dataset crema-d
+#   scripts/ray_submit.sh predict /shared/videos --model /shared/runs/crema-d/finetune/fold-1/model \
+#       --out /shared/predictions.csv          # absolute paths that every node sees
 #
 # RAY_ADDRESS is the cluster's dashboard (job submission) address. Every argument from the first one that is not
 # --params or --env is passed to the `hicmae` command. The cluster's nodes must have the project installed with

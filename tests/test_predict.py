@@ -9,6 +9,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from model import HiCMAEClassifier, get_config
 from pipeline.data import collate
 from pipeline.examples import finetune_eval_examples
 from pipeline.export import CARD_FILE, README_FILE, WEIGHTS_FILE, export_checkpoint, export_model, load_exported
-from pipeline.predict import BOX_COLOURS, load_model, names_option, predict
+from pipeline.predict import load_model, names_option, predict
+from pipeline.preview import BOX_COLOURS
 from pipeline.settings import WindowSettings
 from pipeline.video_batch import device_batch
 from preprocessing.clip import process_clip
@@ -263,9 +265,12 @@ def test_cli_predicts_with_a_reference_checkpoint_and_writes_an_mp4(demo_clips, 
     info, clips = demo_clips
     video = Path(clips[0].video)
     done = _hicmae("predict", str(video), "--model", str(reference_checkpoint), "--size", "hicmae_tiny",
-                   "--classes", "demo", "--out", "result.json", "--preview", "preview.mp4", cwd=tmp_path)
+                   "--classes", "demo", "--out", "result.json", "--preview", "preview.mp4",
+                   "--embeddings", "embeddings.parquet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "result.json").read_text())
+    embeddings = pq.read_table(tmp_path / "embeddings.parquet").to_pylist()
+    assert [(row["id"], len(row["video"]), len(row["fused"])) for row in embeddings] == [(str(video), 32, 128)]
     assert done.stdout.startswith(f"{video.name}: {result['clip']['label']} ")
     # the same weights as the exported model: the same prediction
     np.testing.assert_allclose(list(result["clip"]["probabilities"].values()),

@@ -7,7 +7,8 @@ Every adapter module exposes the same small interface:
   ``Expected layout::``) and every assumption the adapter makes;
 - ``build_manifest(root: Path) -> tuple[DatasetInfo, list[ClipRecord]]``: checks the whole folder first
   (a folder that is not as expected raises one ``DatasetLayoutError``), then returns the clips sorted by
-  clip id with labels, speaker and the paper protocol's test fold.
+  clip id with labels, speaker and the paper protocol's test fold. An adapter with options (``custom``: your
+  own clip list) takes them as keyword arguments, from ``conf/datasets/<name>.yaml``.
 
     python -m preprocessing.datasets <name> <root> <out.jsonl>     # write a manifest
 """
@@ -33,6 +34,7 @@ ADAPTERS = {
     "avcaffe": "avcaffe",
     "voxceleb2": "voxceleb2",
     "demo": "demo",
+    "custom": "custom",
 }
 
 __all__ = ["ADAPTERS", "DatasetLayoutError", "adapter", "build_manifest"]
@@ -45,6 +47,6 @@ def adapter(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{ADAPTERS[name]}")
 
 
-def build_manifest(name: str, root: str | Path) -> tuple[DatasetInfo, list[ClipRecord]]:
-    """Run the adapter registered under ``name`` on the dataset folder ``root``."""
-    return adapter(name).build_manifest(Path(root))
+def build_manifest(name: str, root: str | Path, **options) -> tuple[DatasetInfo, list[ClipRecord]]:
+    """Run the adapter registered under ``name`` on the dataset folder ``root``, with its ``options``."""
+    return adapter(name).build_manifest(Path(root), **options)

@@ -1,4 +1,4 @@
-"""Write a dataset's manifest: ``python -m preprocessing.datasets <name> <root> <out.jsonl>``."""
+"""Write a dataset's manifest: ``python -m preprocessing.datasets <name> <root> <out.jsonl> [--list list.csv]``."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(ADAPTERS), help="dataset name")
     parser.add_argument("root", help="the dataset folder, laid out as the adapter's docstring says")
     parser.add_argument("out", help="manifest path (.jsonl); its .info.json is written beside it")
+    parser.add_argument("--list", dest="list_file", help="custom: the clip list, relative to the root (list.csv)")
     args = parser.parse_args(argv)
     try:
-        info, clips = build_manifest(args.name, args.root)
+        info, clips = build_manifest(args.name, args.root, **({"list_file": args.list_file} if args.list_file else {}))
     except DatasetLayoutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
