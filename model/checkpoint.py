@@ -29,18 +29,26 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)     # checkpoint tensors the model has no use for
     shape_mismatch: list[str] = field(default_factory=list)  # same name, other shape (e.g. another head)
 
-    def summary(self) -> str:
+    def summary(self, limit: int | None = 8) -> str:
+        """What was loaded, and the names of what was not (at most ``limit`` of each kind; None: all)."""
         def names(keys: list[str]) -> str:
-            shown = ", ".join(keys[:8])
-            return shown + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
+            shown = ", ".join(keys[:limit])
+            return shown + (f", ... ({len(keys) - limit} more)" if limit is not None and len(keys) > limit else "")
 
         lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
-        for label, keys in (("missing (kept their init)", self.missing),
-                            ("unexpected (ignored)", self.unexpected),
-                            ("shape mismatch (kept their init)", self.shape_mismatch)):
+        for label, keys in self.kinds():
             if keys:
                 lines.append(f"  {len(keys)} {label}: {names(keys)}")
         return "\n".join(lines)
+
+    def counts(self) -> str:
+        """One line, without names: ``162 tensors loaded, 6 missing (kept their init), 176 unexpected (ignored)``."""
+        kinds = [f"{len(keys)} {label}" for label, keys in self.kinds() if keys]
+        return ", ".join([f"{len(self.loaded)} tensors loaded", *kinds])
+
+    def kinds(self) -> tuple[tuple[str, list[str]], ...]:
+        return (("missing (kept their init)", self.missing), ("unexpected (ignored)", self.unexpected),
+                ("shape mismatch (kept their init)", self.shape_mismatch))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -11,19 +11,23 @@
     hicmae ablations [--run | --queue] [NAME ...]   (conf/ablations.yaml as DVC experiments)
 
 Every command reads ``params.yaml`` (``--params`` for another file) and applies ``--set key=value`` overrides.
-A bad parameter, an unknown dataset or a missing input is one line on stderr and exit status 1.
+A bad parameter, an unknown dataset or a missing input is one line on stderr and exit status 1. A stage prints
+a header, its progress and a summary (``pipeline.console``); everything else goes to ``logs/<stage>.log`` and
+its MLflow run, or to the terminal as well with ``--verbose`` (or ``HICMAE_VERBOSE=1``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import os
 import sys
 
 from preprocessing.errors import InputError
 
 from .config import PROJECT_ROOT, load_params
+from .console import VERBOSE, quiet_libraries, stage_console
+from .layout import Layout
 
 # Each command's module and function, imported when the command runs and not before: the code a DVC stage runs
 # (what it must depend on) is this module's imports plus its command's module's (tests/test_wiring.py checks
@@ -47,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default=str(PROJECT_ROOT / "params.yaml"), help="parameter file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter (dotted key, YAML value); repeatable")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show the details and the libraries' output live (also {VERBOSE}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("manifest", "preprocess", "finetune"):
         commands.add_parser(name).add_argument("--dataset", required=True)
@@ -87,22 +93,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE] = "1"  # for this process and every process it starts
+    quiet_libraries()  # before the command's module imports a library that reads its settings once
     module, function = COMMANDS[args.command]
+    dataset = getattr(args, "dataset", None)
     try:
         params = load_params(args.params, args.overrides) if args.command in STAGES else None
         command = getattr(importlib.import_module(module), function)  # heavy imports (Ray, MLflow) only now
         if params is None:
             return command(args)
-        result = command(params, args.dataset) if "dataset" in args else command(params)
+        log_file = Layout.current().log_file(args.command, dataset)
+        label = " ".join(filter(None, (args.command, dataset)))
+        with stage_console(log_file, label, params.progress.show_every_s):
+            command(params, dataset) if dataset else command(params)
     except InputError as err:
         print(f"hicmae: error: {err}", file=sys.stderr)
         return 1
-    if args.command == "pretrain":
-        print(json.dumps(result, indent=2))
-    elif args.command == "finetune":
-        print(json.dumps(result["best"], indent=2, default=float))
-    elif args.command == "report":
-        print(result)
     return 0
 
 

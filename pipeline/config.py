@@ -93,6 +93,15 @@ class ScalingSettings(Strict):
         return self
 
 
+class ProgressSettings(Strict):
+    """How often a stage speaks (``pipeline.console``, ``pipeline.progress``); no stage's result depends on it."""
+
+    show_every_s: float = Field(10.0, gt=0, description="seconds between two progress lines within long work "
+                                "(training steps, clips, files)")
+    log_every_steps: int | None = Field(None, ge=1, description="training steps between two step-level MLflow "
+                                        "points (train_step/*); None: about 20 an epoch")
+
+
 RESULT_FIELDS = ("num_workers", "use_gpu", "compile")  # the fields of ScalingSettings that change a result
 
 
@@ -108,6 +117,7 @@ class DataParams(Strict):
     pretrain: dict[str, Any] = Field(default_factory=dict, description="pipeline.settings.PretrainSettings")
     finetune: dict[str, Any] = Field(default_factory=dict, description="pipeline.settings.FinetuneSettings")
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    progress: ProgressSettings = Field(default_factory=ProgressSettings)
     experiment: str = "hicmae"
     variant: str = Field("baseline", min_length=1,
                          description="this configuration's name, tagged on every MLflow run (ablations set it)")

@@ -12,6 +12,8 @@ import numpy as np
 from preprocessing.shard_index import STATUS_FILE, SUMMARY_FILE, map_shard, read_index, sample_views
 from preprocessing.shards import decode_sample
 
+from .console import current
+from .layout import shown
 from .plots import contact_sheet_figure, save_figure
 
 FACE_SHEET_CLIPS, FACE_SHEET_FRAMES = 8, 6  # a contact sheet: clips drawn at random, frames evenly spread in each
@@ -42,7 +44,7 @@ def read_face_summary(processed: Path) -> dict | None:
     """``summary.json``'s face statistics of a preprocessed dataset; None when it was not preprocessed here."""
     path = processed / SUMMARY_FILE
     if not path.is_file():
-        print(f"report: {path} not found: no face statistics or contact sheet", flush=True)
+        current().show(f"report: {shown(path)} not found: no face statistics or contact sheet")
         return None
     return json.loads(path.read_text()).get("face")
 

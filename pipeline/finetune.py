@@ -69,13 +69,11 @@ class FinetuneTask(TrainingTask):
     ``config["clips"]`` maps every clip id of the split to its place in the shards (``data.clip_catalog``)."""
 
     def __init__(self, config: dict):
-        self.config = config
+        super().__init__(config)
         self.settings = FinetuneSettings.model_validate(config["settings"])
         self.info = DatasetInfo.model_validate(config["info"])
         self.split, self.clips = config["split"], config["clips"]
         self.label = config.get("label", self.info.name)
-        self.tracker = config.get("tracker")
-        self.compile = config.get("compile", "none")
         self.selection = selection_metric(self.info.task, self.settings.protocol)
         self.best = {"score": -np.inf, "epoch": -1, "model": None}
 
@@ -86,7 +84,8 @@ class FinetuneTask(TrainingTask):
         if self.config.get("init"):
             report = load_reference_weights(model, self.config["init"])
             if rank == 0:
-                print(report.summary())
+                self.console.detail(f"{self.label}: {report.counts()}")
+                self.console.detail(report.summary(limit=None))
         return model
 
     def train_data(self):

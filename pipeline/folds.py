@@ -26,10 +26,11 @@ from preprocessing.shard_index import ShardIndex
 
 from . import raytrain, tracking
 from .config import DataParams, ScalingSettings, load_dataset_config
+from .console import Console, current
 from .data import clip_catalog, shards_hash, verified_shards
 from .export import export_checkpoint
 from .finetune import finetune_worker
-from .layout import FOLD_RESULT_FILES, HISTORY_FILE, PREDICTION_EPOCHS, FinetuneRun, Layout, require
+from .layout import FOLD_RESULT_FILES, HISTORY_FILE, PREDICTION_EPOCHS, FinetuneRun, Layout, require, shown
 from .metrics import aggregate_folds, selection_metric
 from .plots import confusion_matrix_figure, save_figure
 from .settings import (
@@ -39,6 +40,7 @@ from .settings import (
     finetune_settings_for,
     training_params,
 )
+from .training import run_options
 
 
 def fold_splits(clips: list[ClipRecord], fold: int, settings: FinetuneSettings) -> dict[str, list[str]]:
@@ -58,16 +60,15 @@ def describe_dataset(info: DatasetInfo, protocol: str) -> dict:
 
 
 def fold_config(settings: FinetuneSettings, info: DatasetInfo, fold: int, split: dict[str, list[str]], catalog: dict,
-                init: str | None, scaling: ScalingSettings | None = None, tracker=None) -> dict:
+                init: str | None, options: dict | None = None) -> dict:
     """What the Ray Train workers of one fold get (``finetune.FinetuneTask``): the split's clips and where each
-    lies in the shards, and how to run (loader processes, compile mode). A clip that preprocessing could not use
-    (no face, unreadable) is left out."""
-    scaling = scaling or ScalingSettings()
+    lies in the shards, and how to run (``training.run_options``). A clip that preprocessing could not use (no
+    face, unreadable) is left out."""
     split = {part: [clip for clip in ids if clip in catalog] for part, ids in split.items()}
     return {"settings": settings.model_dump(mode="json"), "info": info.model_dump(mode="json"), "split": split,
             "label": f"{info.name} fold {fold}",
             "clips": {clip: catalog[clip] for ids in split.values() for clip in ids}, "init": init,
-            "loader_workers": scaling.loader_workers, "compile": scaling.compile, "tracker": tracker}
+            **(options or run_options())}
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class FoldJob:
                               source=f"{self.info.name} fine-tuning, test fold {fold}, best epoch",
                               name=f"{self.info.name}-fold{fold}", window=self.window, preprocess=self.preprocess)
         test = json.loads(fold_run.test_metrics.read_text())
-        print(f"{self.info.name} fold {fold} done: best epoch {test['best_epoch']}", flush=True)
+        (self.configs[fold]["console"] or Console()).show(
+            f"{self.info.name} fold {fold}: done, best epoch {test['best_epoch'] + 1} -> {shown(fold_run.model)}")
 
 
 def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, dataset: str, shards: list[ShardIndex],
@@ -108,14 +110,18 @@ def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, datase
     info, clips = read_manifest(layout.data(dataset).manifest)
     catalog = clip_catalog(shards)
     folds = settings.folds or list(range(1, info.num_folds + 1))
+    console = raytrain.worker_console()
     configs = {fold: fold_config(settings, info, fold, fold_splits(clips, fold, settings), catalog, init,
-                                 params.scaling, tracker_for_fold(fold) if tracker_for_fold else None)
+                                 run_options(params.scaling, params.progress,
+                                             tracker_for_fold(fold) if tracker_for_fold else None, console))
                for fold in folds}
     out = layout.finetune(dataset)
     job = FoldJob(configs, info, params.scaling, out, layout.ray_results, shards_hash(shards), settings.window,
                   params.preprocess)
     limit = raytrain.runs_that_fit(params.scaling, params.scaling.concurrent_folds)
-    print(f"{dataset}: fine-tuning {len(folds)} folds, {min(limit, len(folds))} at a time", flush=True)
+    source = f"from {shown(init)}" if init else "from scratch"
+    current().show(f"finetune {dataset}: folds {', '.join(map(str, folds))} of {info.num_folds}, "
+                   f"{min(limit, len(folds))} at a time, {source}; {settings.protocol} protocol")
     failed = raytrain.run_concurrently(job, folds, limit=limit)
     return {fold: json.loads(out.fold(fold).test_metrics.read_text()) for fold in folds if fold not in failed}, failed
 
@@ -167,7 +173,30 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
         write_json(out.info, describe_dataset(info, settings.protocol))
         tracking.log_metrics({"test": summary["best"], "test_last": summary["last"]})
         log_fold_artifacts(out, summary, info)
+    for line in summary_table(per_fold, info, summary):
+        current().show(line)
+    current().show(f"finetune {dataset}: -> {shown(out.metrics)}, {shown(out.folder)}/fold-*/")
     return summary
+
+
+def summary_table(per_fold: dict[int, dict], info: DatasetInfo, summary: dict) -> list[str]:
+    """The test metrics of the best epoch's weights by fold, and their mean ± std, as console lines (percent for
+    classification)."""
+    if info.task == "classification":
+        columns, scale, digits = {"uar": "UAR", "war": "WAR", "f1_macro": "F1 macro"}, 100, 1
+    else:
+        columns = {"ccc_mean": "CCC", **{f"ccc/{t}": f"CCC {t}" for t in info.targets}, "mae_mean": "MAE"}
+        scale, digits = 1, 3
+    width = max(13, *(len(title) + 2 for title in columns.values()))
+    lines = [f"{'test fold':>10}" + "".join(f"{title:>{width}}" for title in columns.values())]
+    for fold, metrics in sorted(per_fold.items()):
+        best = metrics["best"]
+        lines.append(f"{fold:>10}" + "".join(f"{scale * best[name]:>{width}.{digits}f}" for name in columns))
+    best = summary["best"]
+    spread = [f"{scale * best[f'{name}_mean']:.{digits}f} ± {scale * best[f'{name}_std']:.{digits}f}"
+              for name in columns]
+    lines.append(f"{'mean ± std':>10}" + "".join(f"{text:>{width}}" for text in spread))
+    return lines
 
 
 def log_fold_artifacts(out: FinetuneRun, summary: dict, info: DatasetInfo) -> None:

@@ -65,6 +65,15 @@ def work_root() -> Path:
     return Path(os.environ.get("HICMAE_WORKDIR", PROJECT_ROOT))
 
 
+def shown(path: str | os.PathLike) -> str:
+    """``path`` for a console line: relative to the work root when inside it, else as it is."""
+    path, root = Path(path), work_root()
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
 @dataclass(frozen=True)
 class DatasetData:
     """data/<dataset>/: the manifest and the preprocessed shards."""
@@ -195,6 +204,10 @@ class Layout:
     @property
     def ray_results(self) -> Path:
         return self.root / "ray_results"
+
+    def log_file(self, command: str, dataset: str | None = None) -> Path:
+        """The log of a stage's last run (``pipeline.console``; not an output): ``logs/<command>[-<dataset>].log``."""
+        return self.root / "logs" / (f"{command}-{dataset}.log" if dataset else f"{command}.log")
 
     def media_hash_cache(self, dataset: str) -> Path:
         """Where the manifest stage remembers the sha256 of a dataset's media files (not an output)."""

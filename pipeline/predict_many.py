@@ -23,6 +23,7 @@ cluster of ``RAY_ADDRESS`` (``scripts/ray_submit.sh predict ...``; the files mus
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -91,6 +92,7 @@ class ClipWindows:
         self.window = WindowSettings(**window)
         with native_logs_hidden():
             self.detector = FaceDetector.from_settings(self.settings)
+        atexit.register(self.detector.close)  # before the interpreter tears mediapipe down under it
         self.blank = clip_examples(placeholder_sample(self.settings), self.window)[1][0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

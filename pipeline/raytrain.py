@@ -4,13 +4,15 @@ Local by default (Ray on loopback, using this machine's cores); on a cluster whe
 Checkpoints go through ``ray.train.report``; when a worker dies, ``FailureConfig(max_failures)`` restarts the
 whole worker group (Ray Train v2, the default in Ray 2.60) and ``training.fit`` resumes from
 ``ray.train.get_checkpoint()``.
+
+What the workers have to say reaches the console through the stage's ``console.remote_console()``; Ray forwards
+their output, and Ray Train logs below warnings, only with ``--verbose`` (``console.verbose``).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,14 +24,8 @@ import torch
 from preprocessing.ray_runtime import on_loopback, start_ray
 
 from .config import ScalingSettings
+from .console import remote_console, verbose
 from .layout import CHECKPOINT_STATE
-
-# Ray folds lines of several processes that differ only in their numbers into one "[repeated Nx across cluster]",
-# which would hide the progress of all but one of the folds trained side by side. Lines that match this are never
-# folded (``training.progress_line`` and ``folds.FoldJob``). Ray reads it when first imported, which in every
-# stage comes after this module.
-PROGRESS_LINES = r": epoch \d+/\d+ |fold \d+ done:"
-os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINES)
 
 
 def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,
@@ -43,12 +39,12 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
     has no use for it, and its objects would make it import what they need (MLflow, the training modules), which
     delays every run's start by seconds of CPU. The workers unpickle it (``_unpack``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .rendezvous import LoopbackTorchConfig
 
-    start_ray(log_to_driver=True)
+    start_ray(log_to_driver=verbose())
     name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = TorchTrainer(
         partial(_unpack, loop),
@@ -58,9 +54,17 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
                              failure_config=FailureConfig(max_failures=scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
     )
     return trainer.fit()
+
+
+def worker_console():
+    """The stage's console for its Ray processes (``console.remote_console``), Ray started first as the stages
+    start it (on loopback unless ``RAY_ADDRESS``)."""
+    start_ray(log_to_driver=verbose())
+    return remote_console()
 
 
 def _unpack(loop: Callable[[dict], None], config: dict) -> None:
@@ -72,7 +76,7 @@ def runs_that_fit(scaling: ScalingSettings, limit: int | None = None) -> int:
     ``limit``)."""
     import ray
 
-    start_ray(log_to_driver=True)
+    start_ray(log_to_driver=verbose())
     available = ray.cluster_resources()
     needs = {"CPU": scaling.num_workers * scaling.cpus_per_worker, "GPU": scaling.num_workers if scaling.use_gpu else 0}
     fits = min(int(available.get(resource, 0) // need) for resource, need in needs.items() if need)
@@ -85,7 +89,7 @@ def run_concurrently(driver: Callable[[object], None], items: list, *, limit: in
     does not stop the others. Returns, by item, the error of every call that failed."""
     import ray
 
-    start_ray(log_to_driver=True)
+    start_ray(log_to_driver=verbose())
     remote = ray.remote(num_cpus=0, max_retries=0)(_call)  # Ray Train retries its workers itself
     shared = ray.put(driver)  # serialised once for all the calls, not once per call
     queue, running, failed = list(items), {}, {}
@@ -130,8 +134,8 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
 def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tracker=None) -> dict | None:
     """Load the run's latest checkpoint into model and optimizer; returns its whole state, or None.
 
-    After a restart, says so in the log and, given the run's ``tracker``, logs the metric
-    ``resumed_from_epoch`` (the checkpoint's epoch, at that step) into the same MLflow run.
+    Given the run's ``tracker``, logs the metric ``resumed_from_epoch`` (the checkpoint's epoch, at that step) into
+    the same MLflow run.
     """
     import ray.train
 
@@ -142,17 +146,9 @@ def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         state = torch.load(Path(folder) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    show(f"resumed from the checkpoint of epoch {state['epoch']} (rank {ray.train.get_context().get_world_rank()})")
     if tracker:
         tracker.log_epoch({"resumed_from_epoch": state["epoch"]}, state["epoch"])
     return state
-
-
-def show(line: str) -> None:
-    """Print ``line`` once from a Ray Train worker. Ray wraps its workers' stdout, and Ray Train's ``print`` then
-    writes there and to its logger as well (each line twice on the console); the process's own stdout takes it once.
-    """
-    print(line, file=sys.__stdout__, flush=True)
 
 
 def report_epoch(metrics: dict, state: dict | None, files: dict[str, bytes] | None = None) -> None:

@@ -32,9 +32,10 @@ from preprocessing.fileio import atomic_write_bytes, atomic_write_text, write_js
 
 from . import tracking
 from .config import DataParams
+from .console import current
 from .face_report import face_markdown, face_sheet, read_face_summary
 from .history import history_csv, read_history
-from .layout import FinetuneRun, Layout, PretrainRun, require
+from .layout import FinetuneRun, Layout, PretrainRun, require, shown
 from .plots import confusion_matrix_figure, embedding_maps_figure, save_figure, training_curves_figure
 
 MAX_EMBEDDING_POINTS = 5000         # t-SNE cost grows with N: larger test sets are subsampled (fixed seed)
@@ -185,7 +186,7 @@ def dataset_plots(dataset: str, summary: dict, run: FinetuneRun, out: Path,
     names = {"video": "video", "audio": "audio", "fused": "audio-visual (fused)"}
     maps = {title: embeddings[key][chosen] for key, title in names.items() if key in embeddings}
     truth = embeddings["truth"][chosen]
-    print(f"report: {dataset}: t-SNE of {len(chosen)} test clips, {len(maps)} embeddings", flush=True)
+    current().detail(f"report: {dataset}: t-SNE of {len(chosen)} test clips, {len(maps)} embeddings")
     if info["task"] == "classification":
         figure = embedding_maps_figure(maps, truth, info["classes"],
                                        title=f"{dataset}: test-clip embeddings (best epoch) by class")
@@ -215,7 +216,7 @@ def dataset_plots(dataset: str, summary: dict, run: FinetuneRun, out: Path,
 def pretrain_plots(run: PretrainRun, out: Path) -> list[Path]:
     """The pre-training curves (PNG and a copy of the history CSV); nothing when no history was written."""
     if not run.history.is_file():
-        print(f"report: {run.history} not found: no pre-training curves", flush=True)
+        current().show(f"report: {shown(run.history)} not found: no pre-training curves")
         return []
     history = read_history(run.history)
     atomic_write_bytes(out / "curves" / "pretrain.csv", run.history.read_bytes())
@@ -267,4 +268,19 @@ def stage_report(params: DataParams) -> str:
             mlflow.log_artifacts(str(out / folder), folder)
         tracking.log_metrics({f"{r['dataset']}/{r['metric']}": r["best_mean"] for r in report["rows"]
                               if r["best_mean"] is not None})
+    for line in first_table(report["markdown"]):
+        current().show(line)
+    current().show(f"report: -> {shown(out / 'results.md')}, {shown(out)}/plots/")
     return report["markdown"]
+
+
+def first_table(markdown: str) -> list[str]:
+    """The rows of the first Markdown table in ``markdown`` (header included, separator left out)."""
+    rows = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                rows.append(line)
+        elif rows:
+            break
+    return rows

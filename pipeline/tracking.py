@@ -32,6 +32,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
+from .console import console_log, current
 from .metrics import is_scalar
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,8 @@ def start_stage_run(stage: str, config, experiment: str, run_name: str | None = 
     The run is nested under ``parent_run_id`` when given (e.g. a fold run under the stage run started by the
     driver), else under the run active in this process, if any. It logs ``config`` as dotted params and as the
     artifact ``config.yaml``, and tags ``dvc_stage``, ``git_commit`` (also ``mlflow.source.git.commit``),
-    ``data_hash`` when given (``data.shards_hash``), the ``experiment_tags`` and ``tags``.
+    ``data_hash`` when given (``data.shards_hash``), the ``experiment_tags`` and ``tags``. On exit it logs the
+    stage's log file (``console.stage_console``) as an artifact.
     """
     mlflow.set_tracking_uri(tracking_uri(store_root(project_root)))
     experiment_id = ensure_experiment(experiment, store_root(project_root))
@@ -185,7 +187,15 @@ def start_stage_run(stage: str, config, experiment: str, run_name: str | None = 
                           nested=mlflow.active_run() is not None, tags=run_tags) as run:
         mlflow.log_params(config_params(config))
         mlflow.log_text(yaml.safe_dump(plain(config), sort_keys=False), "config.yaml")
-        yield run
+        try:
+            yield run
+        finally:
+            log_file = console_log()
+            if log_file is not None and log_file.is_file():  # the stage's log so far, failed or not
+                mlflow.log_artifact(str(log_file))
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")) and not parent_run_id:  # MLflow's own line is off (console.py)
+        current().show(f"{stage}: MLflow run {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
 
 
 def log_metrics(metrics: Mapping, step: int | None = None) -> dict[str, float]:
@@ -226,11 +236,15 @@ class RunLogger:
     tracking_uri: str
     run_id: str
 
-    def log_epoch(self, metrics: Mapping, epoch: int) -> None:
-        """The finite numbers of ``metrics`` (``epoch`` itself left out) at step ``epoch``."""
-        flat = {k: float(v) for k, v in flatten(metrics, sep="/").items() if is_scalar(v) and k != "epoch"}
-        entries = [mlflow.entities.Metric(key, value, 0, epoch) for key, value in flat.items()]
+    def log(self, metrics: Mapping, step: int) -> None:
+        """The finite numbers of ``metrics`` (nested ones under ``/``-joined keys) at ``step``."""
+        flat = {k: float(v) for k, v in flatten(metrics, sep="/").items() if is_scalar(v)}
+        entries = [mlflow.entities.Metric(key, value, 0, step) for key, value in flat.items()]
         mlflow.MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=entries)
+
+    def log_epoch(self, metrics: Mapping, epoch: int) -> None:
+        """An epoch's ``metrics`` (``epoch`` itself left out) at step ``epoch``."""
+        self.log({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
 
     def finish(self, metrics: Mapping | None = None, status: str = "FINISHED") -> None:
         """Log final ``metrics`` (step 0) and end the run with ``status``."""

@@ -27,9 +27,12 @@ from torch import nn
 
 from . import raytrain
 from .compiled import compile_counters, compiled, optimizer_update, resolve
+from .config import ProgressSettings, ScalingSettings
+from .console import Console
 from .history import history_csv
 from .layout import HISTORY_FILE
 from .optim import LrSchedule, build_optimizer, set_lr, tensor_lrs
+from .progress import EpochProgress, log_interval
 from .video_batch import device_batch
 
 
@@ -84,20 +87,35 @@ class TrainData(NamedTuple):
     set_epoch: Callable[[int], None]
 
 
+def run_options(scaling: ScalingSettings | None = None, progress: ProgressSettings | None = None, tracker=None,
+                console: Console | None = None) -> dict:
+    """How a training run runs, as its workers' config holds it (beside what it computes): loader processes,
+    compile mode and checkpoints (``scaling``), where its metrics (``tracker``: a ``tracking.RunLogger``) and its
+    console lines go (``console.remote_console()``), and how often (``progress``)."""
+    scaling, progress = scaling or ScalingSettings(), progress or ProgressSettings()
+    return {"loader_workers": scaling.loader_workers, "compile": scaling.compile,
+            "checkpoint_every": scaling.checkpoint_every, "log_every_steps": progress.log_every_steps,
+            "tracker": tracker, "console": console}
+
+
 class TrainingTask:
-    """What a training stage tells ``fit``. Subclasses set ``settings`` (seed, epochs, batch_size, optim),
-    ``tracker`` (an MLflow ``RunLogger`` or None) and ``compile`` (a ``scaling.compile`` mode) and implement
-    ``build_model``, ``train_data`` and ``losses``; the other hooks are optional. ``fit`` sets ``rank``,
-    ``world_size`` and ``compile_mode`` (the mode resolved for the device) before any hook."""
+    """What a training stage tells ``fit``. A subclass's config has the ``run_options``, which this reads; it sets
+    ``settings`` (seed, epochs, batch_size, optim) and implements ``build_model``, ``train_data`` and ``losses``;
+    the other hooks are optional. ``fit`` sets ``rank``, ``world_size`` and ``compile_mode`` (the mode resolved
+    for the device) before any hook."""
 
     loss_names: tuple[str, ...] = ("loss",)
-    label = "training"  # names the run in the progress lines, e.g. "crema-d fold 3"
+    label = "training"  # names the run in the console lines, e.g. "crema-d fold 3"
     settings = None
-    tracker = None
-    compile = "none"
     compile_mode = "none"
     precision: str | None = None  # autocast's: None = bf16 on a GPU, float32 on a CPU (``autocast``)
     rank, world_size = 0, 1
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.tracker = config.get("tracker")          # an MLflow RunLogger, or None
+        self.console = config.get("console") or Console()
+        self.compile = config.get("compile", "none")  # a scaling.compile mode
 
     def build_model(self, rank: int) -> nn.Module:
         raise NotImplementedError
@@ -195,22 +213,36 @@ class TrainStep:
 
 
 def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader, *, step: Callable, epoch: int,
-                    schedule: LrSchedule, loss_names: tuple[str, ...], device: torch.device,
-                    global_batch: int) -> dict:
-    """``schedule.steps_per_epoch`` optimizer steps (``step(batch)``); returns the epoch's mean losses, last lr and
-    throughput."""
+                    schedule: LrSchedule, loss_names: tuple[str, ...], device: torch.device, global_batch: int,
+                    progress: EpochProgress | None = None) -> dict:
+    """``schedule.steps_per_epoch`` optimizer steps (``step(batch)``), each reported to ``progress`` (rank 0's);
+    returns the epoch's mean losses, last lr and throughput."""
     net.train()
     sums = torch.zeros(len(loss_names), device=device)  # summed on the device: no host sync per step
     began = time.perf_counter()
     for index, batch in enumerate(batches(loader, schedule.steps_per_epoch)):
-        set_lr(optimizer, schedule.at(epoch, index))
+        lr = schedule.at(epoch, index)
+        set_lr(optimizer, lr)
         batch = device_batch(batch, device)  # the video cast, normalised, cropped and augmented there
-        sums += step(batch)
+        losses = step(batch)
+        sums += losses
+        if progress is not None:
+            progress.step(index, losses, lr)
     seconds = time.perf_counter() - began
     means = {f"train/{name}": total / schedule.steps_per_epoch
              for name, total in zip(loss_names, sums.tolist(), strict=True)}
     return {"epoch": epoch, **means, "lr": float(optimizer.param_groups[0]["lr"]),
             "samples_per_s": schedule.steps_per_epoch * global_batch / seconds}
+
+
+def header(task: TrainingTask, model: nn.Module, device: torch.device, schedule: LrSchedule) -> str:
+    """The run's first line, e.g. ``crema-d fold 3: HiCMAE hicmae_base (88.1 M parameters), 4 workers on cuda,
+    compile reduce-overhead; 100 epochs of 210 steps, global batch 64``."""
+    settings, world = task.settings, task.world_size
+    parameters = sum(p.numel() for p in model.parameters())
+    return (f"{task.label}: HiCMAE {settings.model.size} ({parameters / 1e6:.3g} M parameters), {world} "
+            f"worker{'s' if world > 1 else ''} on {device.type}, compile {task.compile_mode}; {settings.epochs} epochs "
+            f"of {schedule.steps_per_epoch} steps, global batch {settings.batch_size * world}")
 
 
 def fit(task: TrainingTask) -> None:
@@ -223,8 +255,10 @@ def fit(task: TrainingTask) -> None:
     net = raytrain.prepare_model(step_module(task, model, task.compile_mode))  # on the device, DDP when several
     compiled_update = task.compile_mode != "none" and device.type == "cuda"  # see compiled.optimizer_update
     optimizer = build_optimizer(model, settings.optim, compiled=compiled_update)
-    tracker = task.tracker if rank == 0 else None
+    tracker, console = (task.tracker, task.console) if rank == 0 else (None, None)
     restored = raytrain.restore_checkpoint(model, optimizer, tracker) or {}
+    if restored and console:
+        console.show(f"{task.label}: resumed from the checkpoint of epoch {restored['epoch'] + 1}")
     if compiled_update:
         tensor_lrs(optimizer, device)
     task.load_state(restored)
@@ -233,13 +267,22 @@ def fit(task: TrainingTask) -> None:
     schedule = LrSchedule.for_run(settings.optim, epochs=settings.epochs, steps_per_epoch=data.steps_per_epoch,
                                   global_batch=settings.batch_size * world)
     step = TrainStep(task, net, optimizer, task.compile_mode)
+    if console:
+        console.show(header(task, model, device, schedule))
 
-    for epoch in range(restored.get("epoch", -1) + 1, settings.epochs):
+    first_epoch = restored.get("epoch", -1) + 1
+    for epoch in range(first_epoch, settings.epochs):
+        first = epoch == first_epoch
         rng = seed_epoch(settings.seed, rank, epoch)
         data.set_epoch(epoch)
+        progress = EpochProgress(task.label, epoch, settings.epochs, schedule.steps_per_epoch,
+                                 settings.batch_size * world, task.loss_names, console, tracker,
+                                 log_interval(schedule.steps_per_epoch, task.config.get("log_every_steps")),
+                                 task.console.show_every_s, compiling=task.compile_mode != "none" and first
+                                 ) if rank == 0 else None
         metrics = train_one_epoch(net, optimizer, data.loader, epoch=epoch, schedule=schedule,
-                                  step=partial(step, rng=rng),
-                                  loss_names=task.loss_names, device=device, global_batch=settings.batch_size * world)
+                                  step=partial(step, rng=rng), loss_names=task.loss_names, device=device,
+                                  global_batch=settings.batch_size * world, progress=progress)
         metrics |= task.evaluate(model, device, epoch)
         last = epoch == settings.epochs - 1
         files = task.final_files(model, device) if last else None
@@ -247,7 +290,7 @@ def fit(task: TrainingTask) -> None:
             metrics |= {f"compile/{name}": value for name, value in compile_counters().items()}
         state = None
         if rank == 0:
-            raytrain.show(progress_line(task.label, epoch, settings.epochs, metrics))
+            console.show(progress_line(task.label, epoch, settings.epochs, metrics))
             history.append(results_only(metrics))
             if tracker:
                 tracker.log_epoch(metrics, epoch)

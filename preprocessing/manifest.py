@@ -185,16 +185,15 @@ def media_files(clip: ClipRecord) -> list[str]:
 
 
 def hash_media(clips: Sequence[ClipRecord], root: str | os.PathLike, cache: str | os.PathLike | None = None,
-               progress: bool = False, threads: int = 8) -> list[ClipRecord]:
+               progress=None, threads: int = 8) -> list[ClipRecord]:
     """The clips with ``video_sha256`` (and ``audio_sha256``) set from their files under ``root``.
 
     ``cache`` (a JSON file, not a pipeline output) remembers each file's hash with its size and modification
     time, so that hashing a dataset again on the same machine reads only files that changed. A file that cannot
-    be read gets no hash; preprocessing then records it as unreadable.
+    be read gets no hash; preprocessing then records it as unreadable. ``progress``: a progress bar class with
+    tqdm's interface (``tqdm`` itself, say), shown for 100 files or more; None: none.
     """
     from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
 
     root = Path(root)
     known = _read_hash_cache(cache)
@@ -212,8 +211,10 @@ def hash_media(clips: Sequence[ClipRecord], root: str | os.PathLike, cache: str 
             return None
 
     with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL: reading is the bound
-        entries = dict(zip(names, tqdm(pool.map(entry, names), total=len(names), unit="file", desc="hash media",
-                                       disable=not progress or len(names) < 100), strict=True))
+        hashed = pool.map(entry, names)
+        if progress is not None and len(names) >= 100:
+            hashed = progress(hashed, total=len(names), unit="file", desc="hash media")
+        entries = dict(zip(names, hashed, strict=True))
     if cache is not None:
         atomic_write_text(cache, json.dumps({name: e for name, e in entries.items() if e is not None}) + "\n")
     sha = {name: e[2] if e else None for name, e in entries.items()}

@@ -8,13 +8,14 @@ Writes ``DIR/shards/shard-XXXXXX.tar`` (one per work unit with at least one good
 of it a function of the clips' content and the output settings (byte-identical when run again, anywhere). How
 long each stage took is returned under ``run``, not written.
 Ray starts locally on loopback unless ``RAY_ADDRESS`` names a cluster (then DIR and the dataset root must
-be on a filesystem every node sees). Each worker process holds one face
-detector. Re-running with the same inputs and settings redoes only the units that are missing (see units.py).
+be on a filesystem every node sees). Each worker process holds one face detector. Re-running with the same inputs
+and settings redoes only the units that are missing (see units.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -35,41 +36,49 @@ from preprocessing.settings import PreprocessSettings
 from preprocessing.shard_index import STATUS_FILE, SUMMARY_FILE
 from preprocessing.units import WorkUnit, plan_units, process_unit, read_status, remove_leftovers, unit_done
 
+_detectors: dict[str, FaceDetector] = {}  # a Ray worker process's face detector, by settings: loaded once
 
-class UnitWorker:
-    """A Ray Data callable class: one face detector per worker process, one unit per batch row."""
 
-    def __init__(self, out_dir: str, root: str, info_json: str, settings_json: str):
-        self.out_dir, self.root = Path(out_dir), Path(root)
-        self.info = DatasetInfo.model_validate_json(info_json)
-        self.settings = PreprocessSettings.model_validate_json(settings_json)
-        self.detector = FaceDetector.from_settings(self.settings)
+def process_unit_rows(batch: dict[str, np.ndarray], out_dir: str, root: str, info: str,
+                      settings: str) -> dict[str, np.ndarray]:
+    """A Ray Data task: the work units of ``batch`` (one per row, as JSON) processed with this worker process's
+    face detector (loaded by its first task, closed before the interpreter exits); their ``unit_done_row``s.
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done = [process_unit(self.out_dir, self.root, self.info, WorkUnit.from_json(text), self.settings,
-                             self.detector) for text in batch["unit"]]
-        return {"unit": np.array([json.dumps({"clips": len(result.status["clips"]), "seconds": result.seconds})
-                                  for result in done])}
+    Tasks rather than an actor pool: a worker process keeps its detector between tasks all the same, and Ray
+    Data's actors warn of their constructor arguments on every start (ray-project/ray#57733)."""
+    config = PreprocessSettings.model_validate_json(settings)
+    if settings not in _detectors:
+        _detectors[settings] = FaceDetector.from_settings(config)
+        atexit.register(_detectors[settings].close)  # before the interpreter tears mediapipe down under it
+    dataset = DatasetInfo.model_validate_json(info)
+    done = [process_unit(Path(out_dir), Path(root), dataset, WorkUnit.from_json(text), config, _detectors[settings])
+            for text in batch["unit"]]
+    return {"unit": np.array([json.dumps(unit_done_row(result)) for result in done])}
+
+
+def unit_done_row(result) -> dict:
+    """What the progress needs of a processed unit: its clips, how many failed, the seconds of each stage."""
+    clips = result.status["clips"]
+    return {"clips": len(clips), "failed": sum(row["status"] != "ok" for row in clips), "seconds": result.seconds}
 
 
 def _run_on_ray(out_dir: Path, root: Path, info: DatasetInfo, units: list[WorkUnit],
                 settings: PreprocessSettings) -> Iterator[dict]:
-    """Process units on Ray Data; yields ``{"clips": n, "seconds": {stage: s}}`` of each finished unit."""
+    """Process units on Ray Data; yields the ``unit_done_row`` of each finished unit."""
     import ray
 
     started = start_ray()
     try:
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
+        context.enable_progress_bars = False  # the stage counts clips itself (``preprocess``'s ``bar``)
         cpus = int(ray.cluster_resources().get("CPU", 1))  # the cluster's, not this machine's
         workers = min(settings.workers or cpus, len(units))
         dataset = ray.data.from_items([{"unit": unit.to_json()} for unit in units],
                                       override_num_blocks=len(units))
-        dataset = dataset.map_batches(
-            UnitWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=settings.cpus_per_worker,
-            fn_constructor_kwargs={"out_dir": str(out_dir.resolve()), "root": str(Path(root).resolve()),
-                                   "info_json": info.model_dump_json(), "settings_json": settings.model_dump_json()})
+        job = {"out_dir": str(out_dir.resolve()), "root": str(Path(root).resolve()), "info": info.model_dump_json(),
+               "settings": settings.model_dump_json()}
+        dataset = dataset.map_batches(process_unit_rows, batch_size=1, concurrency=workers,
+                                      num_cpus=settings.cpus_per_worker, fn_kwargs=job)
         for row in dataset.iter_rows():
             yield json.loads(row["unit"])
     finally:
@@ -82,8 +91,7 @@ def _run_here(out_dir: Path, root: Path, info: DatasetInfo, units: list[WorkUnit
     """Process units one after another in this process (no Ray)."""
     with FaceDetector.from_settings(settings) as detector:
         for unit in units:
-            result = process_unit(out_dir, root, info, unit, settings, detector)
-            yield {"clips": len(result.status["clips"]), "seconds": result.seconds}
+            yield unit_done_row(process_unit(out_dir, root, info, unit, settings, detector))
 
 
 def face_summary(rows: list[dict]) -> dict:
@@ -118,8 +126,9 @@ def _write_status_table(out_dir: Path, statuses: list[dict]) -> None:
 
 
 def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike, root: str | os.PathLike,
-               settings: PreprocessSettings | None = None) -> dict:
-    """Preprocess every clip of ``manifest`` (its media under the dataset folder ``root``) into ``out_dir``.
+               settings: PreprocessSettings | None = None, bar=None) -> dict:
+    """Preprocess every clip of ``manifest`` (its media under the dataset folder ``root``) into ``out_dir``; ``bar``:
+    the progress (tqdm, or a class with its interface), counting clips and failures.
 
     Returns the summary written to summary.json, plus under ``run`` what this run did and how long it took (units
     processed now, seconds per stage summed over them, wall seconds): figures of the run, not of the output."""
@@ -136,9 +145,13 @@ def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike, root: st
         run = _run_on_ray if settings.use_ray else _run_here
         todo_indices = {unit.index for unit in todo}
         done_clips = sum(len(unit.clips) for unit in units if unit.index not in todo_indices)
-        with _progress(settings, len(clips), done_clips) as bar:
+        failed = 0
+        with (bar or _tqdm)(total=len(clips), initial=done_clips, unit="clip", desc=f"preprocess {info.name}",
+                            disable=not settings.progress) as progress:
             for done in run(out_dir, root, info, todo, settings):
-                bar.update(done["clips"])
+                failed += done["failed"]
+                progress.set_postfix_str(f"{failed} failed")
+                progress.update(done["clips"])
                 for stage, value in done["seconds"].items():
                     seconds[stage] += value
     statuses = [read_status(out_dir, unit.index) for unit in units]
@@ -153,11 +166,10 @@ def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike, root: st
     return {**summary, "run": run}
 
 
-def _progress(settings: PreprocessSettings, total: int, done: int):
+def _tqdm(**options):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, unit="clip", desc="preprocess", disable=not settings.progress,
-                file=sys.stderr)
+    return tqdm(**options, file=sys.stderr)
 
 
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, PreprocessSettings]:

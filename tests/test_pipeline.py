@@ -1,9 +1,16 @@
 """End to end on tiny real data: demo clips -> manifest -> shards -> pretrain -> finetune 2 folds -> MLflow.
 
-Runs the real CLI entry points on a real Ray (loopback) and a real ``mlflow server``.
+Runs the real command (``python -m pipeline.cli``, a process of its own as a user's) on a real Ray (loopback) and a
+real ``mlflow server``, with 2 Ray Train workers (DDP on gloo) and both folds at once, and reads what it printed:
+a header, each epoch's line once per fold, progress within epochs, a summary with the fold metrics and nothing of
+the libraries' internals (``--verbose`` shows those); the log file and MLflow keep them, with step-level curves.
 """
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +18,31 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from pipeline import cli
 from preprocessing.datasets.demo import generate_demo
 
 pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parents[1]
+EPOCHS, FOLDS = 2, (1, 2)
+MAX_LINES = 45  # the console of the five stages, besides the progress lines within epochs
+STEPS = {"pretrain demo": 3, "demo fold 1": 2, "demo fold 2": 2}  # per epoch: 15 clips / 4, 9 training clips / 4
+NOISE = ("Checkpoint successfully created", "Reporting training result", "TrainController", "RayTrainWorker",
+         "Requesting resources", "loaded 162 tensors from", "missing (kept their init):", "constructor arguments",
+         "Progress bars disabled", "Token authentication is enabled", "Starting execution of Dataset",
+         "FaceDetector.__del__", "Traceback", "INFO mlflow", "[repeated", "is empty", '"confusion_matrix"',
+         "View run", "core_worker.cc")
 
 def write_params(path: Path, raw: Path, **sections) -> Path:
     params = {
         "datasets": {"demo": {"root": str(raw)}},
         "experiment": "e2e",
         "preprocess": {"shard_size": 8},
-        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": 1, "batch_size": 4,
+        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2,
                      "optim": {"warmup_epochs": 0}},
-        "finetune": {"model": {"size": "hicmae_test"}, "epochs": 2, "batch_size": 4, "folds": [1, 2],
+        "finetune": {"model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2, "folds": list(FOLDS),
                      "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_workers": 2},  # DDP on gloo, as a cluster
+        "progress": {"show_every_s": 0.01},  # a progress line at every step but an epoch's last
         **sections,
     }
     path.write_text(yaml.safe_dump(params))
@@ -39,14 +56,22 @@ def workdir(tmp_path_factory):
     return root
 
 
-def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    monkeypatch.setenv("HICMAE_WORKDIR", str(workdir))
-    params = str(write_params(workdir / "params.yaml", workdir / "raw"))
+def hicmae(work: Path, server, *args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(HICMAE_WORKDIR=str(work), MLFLOW_TRACKING_URI=server.url)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "--params", str(work / "params.yaml"), *args],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900)
 
+
+def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server):
+    write_params(workdir / "params.yaml", workdir / "raw")
+    console = []
     for argv in (["manifest", "--dataset", "demo"], ["preprocess", "--dataset", "demo"], ["pretrain"],
                  ["finetune", "--dataset", "demo"], ["report"]):
-        assert cli.main(["--params", params, *argv]) == 0
+        result = hicmae(workdir, mlflow_server, *argv)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        console += (result.stdout + result.stderr).splitlines()
+    check_console(console)
 
     summary = json.loads((workdir / "data/demo/processed/summary.json").read_text())
     assert summary["ok"] == 15
@@ -62,7 +87,7 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server
         assert embeddings["video"].shape == (3, 32) and embeddings["fused"].shape == (3, 128)
     history = (workdir / "runs/demo/finetune/fold-1/history.csv").read_text().splitlines()
     assert len(history) == 1 + 2 and "val/uar" in history[0]  # header + one row per epoch
-    assert len((workdir / "runs/pretrain/history.csv").read_text().splitlines()) == 1 + 1
+    assert len((workdir / "runs/pretrain/history.csv").read_text().splitlines()) == 1 + EPOCHS
     assert "| demo | war |" in (workdir / "reports/results.md").read_text()
     for name in ("demo/confusion", "demo/embeddings", "demo/curves", "pretrain/curves"):
         assert imread(workdir / f"reports/plots/{name}.png").ndim == 3
@@ -95,3 +120,42 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server
     report = mlflow_server.get("artifacts/list", run_id=by_name["report"]["info"]["run_id"], path="plots/demo")
     assert {f["path"] for f in report["files"]} == {f"plots/demo/{n}.png"
                                                      for n in ("confusion", "embeddings", "curves", "faces")}
+    for name, label in (("pretrain-demo", "pretrain demo"), ("demo-fold1", "demo fold 1")):
+        steps = mlflow_server.get("metrics/get-history", run_id=by_name[name]["info"]["run_id"],
+                                  metric_key="train_step/loss")["metrics"]  # step-level: every step, at so few
+        assert sorted(point["step"] for point in steps) == list(range(1, EPOCHS * STEPS[label] + 1)), name
+    files = mlflow_server.get("artifacts/list", run_id=parent["info"]["run_id"])["files"]
+    assert "finetune-demo.log" in {item["path"] for item in files}
+    log = (workdir / "logs" / "finetune-demo.log").read_text()
+    assert "tensors loaded" in log and "missing" in log and "unexpected" in log  # the checkpoint's names, here
+
+
+def check_console(console: list[str]) -> None:
+    """What the five stages printed: short, each epoch once per fold, a summary, none of the libraries' noise."""
+    text = "\n".join(console)
+    progress = [line for line in console if re.search(r": epoch \d+/\d+  step ", line)]
+    assert len(console) - len(progress) <= MAX_LINES, text
+    for noise in NOISE:
+        assert noise not in text, f"{noise!r} on the console:\n{text}"
+    for run, steps in STEPS.items():  # a line at every step but an epoch's last (show_every_s above)
+        assert len([line for line in progress if line.startswith(f"{run}: ")]) == EPOCHS * (steps - 1), text
+    assert re.search(r"^pretrain demo: HiCMAE hicmae_test .*2 workers on cpu", text, re.M), text
+    assert re.search(r"^finetune demo: folds 1, 2 of 5, 2 at a time", text, re.M), text
+    for fold in FOLDS:
+        for epoch in range(1, EPOCHS + 1):
+            lines = [line for line in console if line.startswith(f"demo fold {fold}: epoch {epoch}/{EPOCHS}  train")]
+            assert len(lines) == 1, (fold, epoch, text)
+    summary = text[text.index("test fold"):]
+    for fold in FOLDS:
+        assert re.search(rf"^ +{fold} +\d+\.\d", summary, re.M), summary
+    assert re.search(r"mean ± std +\d+\.\d ± \d+\.\d", summary), summary
+    assert "runs/demo/metrics.json" in text and "logs/finetune-demo.log" in text
+
+
+def test_verbose_shows_the_details(workdir, mlflow_server):
+    result = hicmae(workdir, mlflow_server, "--verbose", "--set", "finetune.folds=[1]", "--set", "finetune.epochs=1",
+                    "finetune", "--dataset", "demo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout + result.stderr
+    assert "missing" in text and "unexpected" in text      # the checkpoint's names
+    assert "Checkpoint successfully created" in text       # Ray Train's own lines

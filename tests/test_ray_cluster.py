@@ -220,7 +220,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(cluster, workdir, pretra
     assert len(resumed) == 1  # one restart, announced in the same run by the replacement worker
     epoch = int(resumed[0]["value"])
     assert 0 <= epoch <= PRETRAIN_EPOCHS - 2
-    assert f"resumed from the checkpoint of epoch {epoch}" in log
+    assert f"resumed from the checkpoint of epoch {epoch + 1}" in log  # 1-based, as the epoch lines
     steps = [m["step"] for m in metric_history(mlflow_server, run, "train/loss")]
     assert sorted(set(steps)) == list(range(PRETRAIN_EPOCHS))
     assert steps.count(0) == 1  # epoch 0 was checkpointed before the kill and never trained again

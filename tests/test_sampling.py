@@ -20,6 +20,7 @@ from pipeline.folds import fold_config
 from pipeline.pretrain import PretrainTask, pretrain_config
 from pipeline.sampling import GlobalBatchSampler, epoch_shards
 from pipeline.settings import FinetuneSettings, PretrainSettings
+from pipeline.training import run_options
 from preprocessing.fbank import NORM_MEAN, NORM_STD
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings
@@ -60,14 +61,14 @@ def finetune_loader(info, clips, shards, *, rank: int, world_size: int, batch: i
     settings = FinetuneSettings(batch_size=batch, protocol="reference", augment={"rand_augment": False})
     split = {"train": [c.clip_id for c in clips if c.fold != 1], "val": [], "test": []}
     task = FinetuneTask(fold_config(settings, info, 1, split, clip_catalog(shards), None,
-                                    ScalingSettings(loader_workers=loader_workers)))
+                                    run_options(ScalingSettings(loader_workers=loader_workers))))
     task.rank, task.world_size = rank, world_size  # as training.fit sets them
     return task.train_data()
 
 
 def pretrain_loader(shards, *, rank: int, world_size: int, loader_workers: int = 0):
     settings = PretrainSettings(batch_size=BATCH, model={"size": "hicmae_test"})
-    task = PretrainTask(pretrain_config(settings, shards, ScalingSettings(loader_workers=loader_workers)))
+    task = PretrainTask(pretrain_config(settings, shards, run_options(ScalingSettings(loader_workers=loader_workers))))
     task.rank, task.world_size = rank, world_size
     return task.train_data()
 

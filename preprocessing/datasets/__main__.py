@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetLayoutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    path = write_manifest(args.out, info, hash_media(clips, args.root, progress=True))
+    from tqdm import tqdm
+
+    path = write_manifest(args.out, info, hash_media(clips, args.root, progress=tqdm))
     folds = Counter(clip.fold for clip in clips)
     print(f"{info.name}: {len(clips)} clips -> {path} (clips per fold: "
           f"{dict(sorted(folds.items(), key=lambda item: (item[0] is None, item[0] or 0)))})")
