@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import PROJECT_ROOT  # noqa: E402
+from pipeline.config.params import PROJECT_ROOT  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
 
 EPOCH_LINE = re.compile(r"fold (\d+): epoch (\d+)/(\d+) ")

@@ -41,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import (  # noqa: E402
+from pipeline.config.training import FinetuneSettings, PretrainSettings  # noqa: E402
+from pipeline.data.loaders import (  # noqa: E402
     ClipDataset,
     ClipStream,
     clip_catalog,
@@ -49,10 +50,9 @@ from pipeline.data import (  # noqa: E402
     training_loader,
     verified_shards,
 )
-from pipeline.examples import finetune_train_examples, pretrain_examples  # noqa: E402
-from pipeline.sampling import GlobalBatchSampler  # noqa: E402
-from pipeline.settings import FinetuneSettings, PretrainSettings  # noqa: E402
-from pipeline.video_batch import device_batch  # noqa: E402
+from pipeline.data.sampling import GlobalBatchSampler  # noqa: E402
+from pipeline.data.video_batch import device_batch  # noqa: E402
+from pipeline.data.windows import finetune_train_examples, pretrain_examples  # noqa: E402
 from preprocessing.shard_index import ShardIndex, shard_file, write_shard  # noqa: E402
 from preprocessing.shards import META_FIELD, ClipSample, encode_sample  # noqa: E402
 

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import ClipStream, stream_loader, verified_shards  # noqa: E402
+from pipeline.data.loaders import ClipStream, stream_loader, verified_shards  # noqa: E402
 from preprocessing.manifest import ClipRecord, DatasetInfo  # noqa: E402
 from preprocessing.settings import PreprocessSettings  # noqa: E402
 from preprocessing.shard_index import shard_file, write_shard  # noqa: E402

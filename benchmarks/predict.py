@@ -13,7 +13,7 @@ prints clips/s both ways (min and median over the repetitions; the batch figure 
 rate after its first committed row is given too), the median seconds per clip of each stage both ways, and the
 largest difference between the two ways' probabilities and embeddings of the same clips.
 
-``--single`` runs ``pipeline.predict.predict`` on one built clip (the astronaut photo, espeak-ng speech)
+``--single`` runs ``pipeline.predict.video.predict`` on one built clip (the astronaut photo, espeak-ng speech)
 ``--repeats`` times after a warm-up and prints the median wall time per stage.
 """
 
@@ -34,11 +34,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from model import HiCMAEClassifier, get_config  # noqa: E402
-from pipeline.config import PROJECT_ROOT, load_params  # noqa: E402
-from pipeline.export import export_model  # noqa: E402
-from pipeline.predict import predict  # noqa: E402
-from pipeline.prediction_table import EMBEDDINGS  # noqa: E402
-from pipeline.settings import training_params  # noqa: E402
+from pipeline.config.params import PROJECT_ROOT, load_params  # noqa: E402
+from pipeline.config.training import training_params  # noqa: E402
+from pipeline.predict.table import EMBEDDINGS  # noqa: E402
+from pipeline.predict.video import predict  # noqa: E402
+from pipeline.train.export import export_model  # noqa: E402
 from preprocessing.datasets.demo import CLASSES, CLIP_DIR, generate_demo  # noqa: E402
 from preprocessing.manifest import DatasetInfo  # noqa: E402
 

@@ -21,7 +21,7 @@ on one forward + backward on the meta device (where attention decomposes into co
 fused attention kernel is not counted) and checked against ``analytic_flops``. MFU = achieved FLOP/s /
 peak, the peak being a bf16 ``--peak-size``^3 matmul measured in the same run (float32 on a CPU).
 
-``--count-ops`` times nothing: it counts the aten ops one step dispatches (``pipeline.op_count``, a proxy for
+``--count-ops`` times nothing: it counts the aten ops one step dispatches (``pipeline.train.op_count``, a proxy for
 kernel launches that needs no GPU), after one warm-up step, split into the device transforms (``device_batch``),
 the optimizer (what runs inside ``optimizer.step()``: AdamW, fused as on a GPU unless ``--fused-adamw off``) and
 forward + backward (the rest of the stage's ``train_step``: forward with the losses, backward, gradient clipping,
@@ -51,16 +51,17 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import HiCMAEClassifier, HiCMAEConfig, HiCMAEPretrain, random_mask, tube_mask  # noqa: E402
-from pipeline import finetune, pretrain  # noqa: E402
-from pipeline.augment import AugmentConfig, train_video_fields  # noqa: E402
-from pipeline.compiled import resolve  # noqa: E402
-from pipeline.data import collate  # noqa: E402
-from pipeline.examples import multi_scale_crop  # noqa: E402
-from pipeline.op_count import OpCounter  # noqa: E402
-from pipeline.optim import build_optimizer, scaled_lrs, set_lr  # noqa: E402
-from pipeline.settings import FinetuneSettings, ModelSettings, PretrainSettings  # noqa: E402
-from pipeline.training import TrainingTask, TrainStep, step_module  # noqa: E402
-from pipeline.video_batch import device_batch, video_fields  # noqa: E402
+from pipeline.config.training import FinetuneSettings, ModelSettings, PretrainSettings  # noqa: E402
+from pipeline.data.augment import AugmentConfig, train_video_fields  # noqa: E402
+from pipeline.data.loaders import collate  # noqa: E402
+from pipeline.data.video_batch import device_batch, video_fields  # noqa: E402
+from pipeline.data.windows import multi_scale_crop  # noqa: E402
+from pipeline.train import finetune_fold as finetune  # noqa: E402
+from pipeline.train import pretrain  # noqa: E402
+from pipeline.train.compiled import resolve  # noqa: E402
+from pipeline.train.loop import TrainingTask, TrainStep, step_module  # noqa: E402
+from pipeline.train.op_count import OpCounter  # noqa: E402
+from pipeline.train.optim import build_optimizer, scaled_lrs, set_lr  # noqa: E402
 from preprocessing.manifest import DatasetInfo  # noqa: E402
 
 STAGES = ("pretrain", "finetune")
@@ -95,9 +96,9 @@ def build_model(stage: str, cfg: HiCMAEConfig) -> torch.nn.Module:
 
 
 def loader_batch(stage: str, cfg: HiCMAEConfig, batch: int, rng: np.random.Generator) -> dict:
-    """A batch as the loader delivers it (``pipeline.examples``), in host memory: random uint8 frames (B, T, S, S, 3)
-    with the stage's geometry drawn as the loader draws it (pre-training's multi-scale crop; fine-tuning's resized
-    crop, flip and erasing), random log-mel (B, 1, F, M), and masks or labels."""
+    """A batch as the loader delivers it (``pipeline.data.windows``), in host memory: random uint8 frames
+    (B, T, S, S, 3) with the stage's geometry drawn as the loader draws it (pre-training's multi-scale crop;
+    fine-tuning's resized crop, flip and erasing), random log-mel (B, 1, F, M), and masks or labels."""
     geometry_only = AugmentConfig(rand_augment=False, input_size=cfg.img_size)  # RandAugment: in the loader
     examples = []
     for _ in range(batch):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import PROJECT_ROOT, Strict, load_params, read_yaml, validate
-from .settings import training_params
+from .config.params import PROJECT_ROOT, Strict, load_params, read_yaml, validate
+from .config.training import training_params
 
 ABLATIONS_FILE = PROJECT_ROOT / "conf" / "ablations.yaml"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # usable as a DVC experiment (git ref) name

@@ -25,7 +25,7 @@ import sys
 
 from preprocessing.errors import InputError
 
-from .config import PROJECT_ROOT, load_params
+from .config.params import PROJECT_ROOT, load_params
 from .console import VERBOSE, quiet_libraries, stage_console
 from .layout import Layout
 
@@ -35,11 +35,11 @@ from .layout import Layout
 COMMANDS = {
     "manifest": ("pipeline.prepare", "stage_manifest"),
     "preprocess": ("pipeline.prepare", "stage_preprocess"),
-    "pretrain": ("pipeline.pretrain", "stage_pretrain"),
-    "finetune": ("pipeline.folds", "stage_finetune"),
+    "pretrain": ("pipeline.train.pretrain", "stage_pretrain"),
+    "finetune": ("pipeline.train.finetune", "stage_finetune"),
     "report": ("pipeline.report", "stage_report"),
-    "predict": ("pipeline.predict_many", "predict_many_command"),
-    "export": ("pipeline.export", "export_command"),
+    "predict": ("pipeline.predict.many", "predict_many_command"),
+    "export": ("pipeline.train.export", "export_command"),
     "ablations": ("pipeline.ablations", "ablations_command"),
 }
 STAGES = ("manifest", "preprocess", "pretrain", "finetune", "report")

@@ -21,7 +21,7 @@ from preprocessing.run import preprocess
 from preprocessing.shard_index import STATUS_FILE
 
 from . import tracking
-from .config import DataParams, load_dataset_config
+from .config.params import DataParams, load_dataset_config
 from .console import current
 from .layout import Layout, require, shown
 from .progress import counter

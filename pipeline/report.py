@@ -31,7 +31,7 @@ import numpy as np
 from preprocessing.fileio import atomic_write_bytes, atomic_write_text, write_json
 
 from . import tracking
-from .config import DataParams
+from .config.params import DataParams
 from .console import current
 from .face_report import face_markdown, face_sheet, read_face_summary
 from .history import history_csv, read_history

@@ -33,9 +33,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from .console import console_log, current
+from .layout import PROJECT_ROOT
 from .metrics import is_scalar
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATABASE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 LOCAL_SCHEMES = ("sqlite", "file", "")

@@ -8,11 +8,11 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from model.constants import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.augment import AugmentConfig, eval_video_transform, mixup_cutmix, train_video_transform
-from pipeline.augment.config import parse_rand_augment
-from pipeline.augment.enhance import brightness_clip, color_clip, contrast_clip, sharpness_clip
-from pipeline.augment.mixing import mix_targets, sample_cutmix_box
-from pipeline.augment.rand_augment import (
+from pipeline.config.augment import parse_rand_augment
+from pipeline.data.augment import AugmentConfig, eval_video_transform, mixup_cutmix, train_video_transform
+from pipeline.data.augment.enhance import brightness_clip, color_clip, contrast_clip, sharpness_clip
+from pipeline.data.augment.mixing import mix_targets, sample_cutmix_box
+from pipeline.data.augment.rand_augment import (
     INCREASING_OPS,
     ORIGINAL_OPS,
     RandAugmentOp,
@@ -27,7 +27,7 @@ from pipeline.augment.rand_augment import (
     solarize_add_table,
     solarize_table,
 )
-from pipeline.losses import label_smoothing_cross_entropy, soft_target_cross_entropy
+from pipeline.train.losses import label_smoothing_cross_entropy, soft_target_cross_entropy
 
 NO_AUGMENTATION = AugmentConfig(rand_augment=False, random_resized_crop=False, flip=False, random_erase=False,
                                 mixup=False)

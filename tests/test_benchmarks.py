@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import ClipDataset, clip_catalog, verified_shards
-from pipeline.examples import finetune_eval_examples, finetune_train_examples, pretrain_examples
-from pipeline.settings import FinetuneSettings, PretrainSettings
-from pipeline.training import progress_line
+from pipeline.config.training import FinetuneSettings, PretrainSettings
+from pipeline.data.loaders import ClipDataset, clip_catalog, verified_shards
+from pipeline.data.windows import finetune_eval_examples, finetune_train_examples, pretrain_examples
+from pipeline.train.loop import progress_line
 from preprocessing.shard_index import ShardIndex, read_samples
 from preprocessing.shards import decode_sample
 
@@ -167,7 +167,7 @@ def test_bf16_losses_stay_within_one_percent_of_float32(train_step):
 
 
 def test_autocast_precision_is_checked():
-    from pipeline.training import autocast
+    from pipeline.train.compiled import autocast
 
     with autocast(torch.device("cpu"), "bf16"):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")

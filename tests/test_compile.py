@@ -16,17 +16,17 @@ import torch
 from torch._dynamo.utils import counters
 
 from model import get_config, random_mask, tube_mask
-from pipeline.compiled import compiled, eager_update, graph_update, resolve
-from pipeline.config import ConfigError, load_params
-from pipeline.data import collate
-from pipeline.evaluation import clip_outputs, eval_forward
-from pipeline.examples import multi_scale_crop
-from pipeline.finetune import FinetuneTask
-from pipeline.optim import build_optimizer, set_lr
-from pipeline.pretrain import PretrainTask
-from pipeline.settings import FinetuneSettings, ModelSettings, PretrainSettings
-from pipeline.training import TrainStep, step_module
-from pipeline.video_batch import device_batch, video_fields
+from pipeline.config.params import ConfigError, load_params
+from pipeline.config.training import FinetuneSettings, ModelSettings, PretrainSettings
+from pipeline.data.loaders import collate
+from pipeline.data.video_batch import device_batch, video_fields
+from pipeline.data.windows import multi_scale_crop
+from pipeline.train.compiled import compiled, eager_update, graph_update, resolve
+from pipeline.train.evaluation import clip_outputs, eval_forward
+from pipeline.train.finetune_fold import FinetuneTask
+from pipeline.train.loop import TrainStep, step_module
+from pipeline.train.optim import build_optimizer, set_lr
+from pipeline.train.pretrain import PretrainTask
 from preprocessing.manifest import DatasetInfo
 
 STEPS, BATCH = 5, 2  # the per-rank batch of test_compile_stages.py: the same kernels, compiled once

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import PROJECT_ROOT, ConfigError, apply_overrides, load_dataset_config, load_params
-from pipeline.settings import Params, finetune_settings_for, training_params
+from pipeline.config.params import PROJECT_ROOT, ConfigError, apply_overrides, load_dataset_config, load_params
+from pipeline.config.training import Params, finetune_settings_for, training_params
 from preprocessing.datasets import ADAPTERS
 
 

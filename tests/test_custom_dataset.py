@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from media import speech_wav, write_clip
 
-from pipeline.config import CUSTOM_ADAPTER, PROJECT_ROOT, ConfigError, load_dataset_config
+from pipeline.config.params import CUSTOM_ADAPTER, PROJECT_ROOT, ConfigError, load_dataset_config
 from preprocessing.datasets import DatasetLayoutError, build_manifest, custom
 from preprocessing.datasets.clip_list import SHOWN_PROBLEMS
 from preprocessing.manifest import write_manifest

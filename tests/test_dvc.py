@@ -26,8 +26,8 @@ from dvc_project import (
 )
 
 from pipeline.ablations import check_ablations, load_ablations, overrides
-from pipeline.config import PROJECT_ROOT, load_params
-from pipeline.settings import training_params
+from pipeline.config.params import PROJECT_ROOT, load_params
+from pipeline.config.training import training_params
 
 EXPERIMENT = "dvc-e2e"
 

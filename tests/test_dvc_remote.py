@@ -14,7 +14,7 @@ import pytest
 import yaml
 from dvc_project import VENV_BIN, Project, copy_project, kill_leftovers, project_env, ran, shrink_params
 
-from pipeline.config import RESULT_FIELDS, ScalingSettings
+from pipeline.config.params import RESULT_FIELDS, ScalingSettings
 from preprocessing.datasets.demo import generate_demo
 
 pytestmark = pytest.mark.slow

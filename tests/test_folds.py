@@ -17,8 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import cli, raytrain
-from pipeline.training import progress_line
+from pipeline import cli
+from pipeline.train import raytrain
+from pipeline.train.loop import progress_line
 from preprocessing.datasets.demo import generate_demo
 
 pytestmark = pytest.mark.slow

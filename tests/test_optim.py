@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import model
-from pipeline.compiled import eager_update
-from pipeline.optim import build_optimizer, layer_id, lr_at, param_groups, scaled_lrs, set_lr
-from pipeline.settings import OptimSettings
+from pipeline.config.training import OptimSettings
+from pipeline.train.compiled import eager_update
+from pipeline.train.optim import build_optimizer, layer_id, lr_at, param_groups, scaled_lrs, set_lr
 
 # HiCMAE-B fine-tuning: 10 blocks per encoder and 2 fusion layers, so num_layers = 12 and ids run from 0 to 13.
 BASE_DEPTH, BASE_LAYERS = 10, 12

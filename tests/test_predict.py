@@ -17,13 +17,13 @@ from media import Portrait, scene, speech_wav, write_clip
 from PIL import Image
 
 from model import HiCMAEClassifier, get_config
-from pipeline.data import collate
-from pipeline.examples import finetune_eval_examples
-from pipeline.export import CARD_FILE, README_FILE, WEIGHTS_FILE, export_checkpoint, export_model, load_exported
-from pipeline.predict import load_model, names_option, predict
-from pipeline.preview import BOX_COLOURS
-from pipeline.settings import WindowSettings
-from pipeline.video_batch import device_batch
+from pipeline.config.training import WindowSettings
+from pipeline.data.loaders import collate
+from pipeline.data.video_batch import device_batch
+from pipeline.data.windows import finetune_eval_examples
+from pipeline.predict.preview import BOX_COLOURS
+from pipeline.predict.video import load_model, names_option, predict
+from pipeline.train.export import CARD_FILE, README_FILE, WEIGHTS_FILE, export_checkpoint, export_model, load_exported
 from preprocessing.clip import process_clip
 from preprocessing.datasets import demo
 from preprocessing.decode import MediaError

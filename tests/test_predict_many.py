@@ -20,10 +20,10 @@ from media import speech_wav, write_clip
 
 from model import HiCMAEClassifier, get_config
 from pipeline import cli
-from pipeline.export import export_model
-from pipeline.predict import predict
-from pipeline.predict_inputs import collect_inputs
-from pipeline.prediction_table import EMBEDDINGS, PredictionTable, TableError, csv_columns, csv_text
+from pipeline.predict.inputs import collect_inputs
+from pipeline.predict.table import EMBEDDINGS, PredictionTable, TableError, csv_columns, csv_text
+from pipeline.predict.video import predict
+from pipeline.train.export import export_model
 from preprocessing.manifest import DatasetInfo
 
 CLASSES = ["neutral", "happy", "angry", "sad"]
@@ -194,7 +194,7 @@ def test_folders_and_lists_give_each_file_and_segment_once(videos, monkeypatch):
 
 
 def test_a_table_reopened_after_a_kill_drops_what_a_commit_left_half_done(tmp_path):
-    from pipeline.predict_inputs import file_input
+    from pipeline.predict.inputs import file_input
 
     items = [file_input(tmp_path / f"{name}.mp4") for name in "abc"]
     rows = [{**item.to_dict(), "status": "ok", "windows": 1,
@@ -207,7 +207,7 @@ def test_a_table_reopened_after_a_kill_drops_what_a_commit_left_half_done(tmp_pa
     # as a kill between two renames leaves it: c's embeddings, no row; a row twice (a hand-edited file)
     table.pending = [(rows[2], embedding)]
     table.jsonl.write_text(table.jsonl.read_text() + table.jsonl.read_text().splitlines()[0] + "\n")
-    from pipeline.prediction_table import append_parquet, embeddings_table
+    from pipeline.predict.table import append_parquet, embeddings_table
     append_parquet(table.embeddings, embeddings_table([items[2]], [embedding]))
 
     again = PredictionTable.open(tmp_path / "p.csv", tmp_path / "e.parquet", names=CLASSES, model="m1")

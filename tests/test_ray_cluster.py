@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from pipeline import cli
-from pipeline.config import PROJECT_ROOT
+from pipeline.config.params import PROJECT_ROOT
 from preprocessing.datasets.demo import generate_demo
 
 pytestmark = pytest.mark.slow

@@ -22,15 +22,17 @@ from matplotlib.image import imread
 from media import speech_wav, write_clip
 
 import model
-from pipeline import evaluation, face_report, folds, layout, report
-from pipeline.config import DatasetEntry
-from pipeline.data import collate
-from pipeline.evaluation import clip_outputs
+from pipeline import face_report, layout, report
+from pipeline.config.params import DatasetEntry
+from pipeline.config.training import Params
+from pipeline.data.loaders import collate
+from pipeline.data.video_batch import device_batch, video_fields
 from pipeline.history import history_csv, read_history
 from pipeline.metrics import aggregate_folds
 from pipeline.plots import embedding_maps_figure
-from pipeline.settings import Params
-from pipeline.video_batch import device_batch, video_fields
+from pipeline.train import evaluation
+from pipeline.train import finetune as folds
+from pipeline.train.evaluation import clip_outputs
 from preprocessing.fileio import write_json
 from preprocessing.manifest import ClipRecord, DatasetInfo, write_manifest
 from preprocessing.run import preprocess

@@ -13,14 +13,14 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.config import ScalingSettings
-from pipeline.data import clip_catalog, verified_shards
-from pipeline.finetune import FinetuneTask
-from pipeline.folds import fold_config
-from pipeline.pretrain import PretrainTask, pretrain_config
-from pipeline.sampling import GlobalBatchSampler, epoch_shards
-from pipeline.settings import FinetuneSettings, PretrainSettings
-from pipeline.training import run_options
+from pipeline.config.params import ScalingSettings
+from pipeline.config.training import FinetuneSettings, PretrainSettings
+from pipeline.data.loaders import clip_catalog, verified_shards
+from pipeline.data.sampling import GlobalBatchSampler, epoch_shards
+from pipeline.train.finetune import fold_config
+from pipeline.train.finetune_fold import FinetuneTask
+from pipeline.train.loop import run_options
+from pipeline.train.pretrain import PretrainTask, pretrain_config
 from preprocessing.fbank import NORM_MEAN, NORM_STD
 from preprocessing.manifest import ClipRecord, DatasetInfo
 from preprocessing.settings import PreprocessSettings

@@ -9,12 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.constants import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.augment import AugmentConfig, train_video_fields
-from pipeline.augment.transforms import sample_erase_box, sample_resized_crop
-from pipeline.data import collate
-from pipeline.examples import PRETRAIN_SCALES, multi_scale_crop
-from pipeline.op_count import OpCounter
-from pipeline.video_batch import (
+from pipeline.data.augment import AugmentConfig, train_video_fields
+from pipeline.data.augment.transforms import sample_erase_box, sample_resized_crop
+from pipeline.data.loaders import collate
+from pipeline.data.video_batch import (
     GEOMETRY,
     NOISE_SEED,
     VIDEO,
@@ -24,6 +22,8 @@ from pipeline.video_batch import (
     example_video,
     video_fields,
 )
+from pipeline.data.windows import PRETRAIN_SCALES, multi_scale_crop
+from pipeline.train.op_count import OpCounter
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)

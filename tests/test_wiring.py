@@ -149,12 +149,13 @@ def test_every_code_dependency_exists():
 
 
 def test_the_dependency_check_sees_lazy_and_registry_imports():
-    assert "pipeline.export" in closure("pipeline.folds")                   # direct
-    assert "pipeline.tracking" in imports_of("pipeline.pretrain")           # function-level import
+    assert "pipeline.train.export" in closure("pipeline.train.finetune")     # direct
+    assert "pipeline.tracking" in imports_of("pipeline.train.pretrain")      # function-level import
     assert "preprocessing.datasets.crema_d" in closure("pipeline.prepare")  # through build_manifest
     assert "preprocessing.datasets.crema_d" not in closure("preprocessing.datasets.demo")
-    assert "pipeline.folds" not in closure("pipeline.cli")                  # imported by name, when run
-    assert {"pipeline.cli", "pipeline.folds"} <= set(command_modules("python -m pipeline.cli finetune --dataset x"))
+    assert "pipeline.train.finetune" not in closure("pipeline.cli")          # imported by name, when run
+    modules = command_modules("python -m pipeline.cli finetune --dataset x")
+    assert {"pipeline.cli", "pipeline.train.finetune"} <= set(modules)
     stage = {"cmd": "python -m pipeline.cli report", "deps": ["pipeline/report.py"]}
     assert "pipeline/plots.py" in uncovered_code(stage)
 
@@ -204,11 +205,70 @@ def test_layers_import_only_what_design_allows():
         assert third_party <= {"torch", "__future__", *sys.stdlib_module_names, "model"}, f"{path}: {third_party}"
 
 
+# pipeline/ by concern (README, "What is where"): the shared base, the entry modules, and three sub-packages whose
+# arrows run one way, base <- data <- train <- predict. Each part may import these parts of pipeline (itself included).
+ENTRY_MODULES = {"cli", "prepare", "report", "face_report", "ablations"}
+PART_MAY_IMPORT = {
+    "base": {"base"},
+    "data": {"base", "data"},
+    "train": {"base", "data", "train"},
+    "predict": {"base", "data", "train", "predict"},
+    "entry": {"base", "data", "train", "predict", "entry"},
+}
+# What prediction may take from training: the forward over a clip's windows, loading an exported model, and the
+# step's device settings; never the loop, Ray Train or the optimiser.
+PREDICT_USES_OF_TRAIN = {"pipeline.train", "pipeline.train.evaluation", "pipeline.train.export",
+                         "pipeline.train.compiled"}
+
+
+def part_of(module: str) -> str:
+    """``base``, ``entry``, ``config`` counted as base, or the sub-package (``data``, ``train``, ``predict``)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "base"
+    if parts[1] in {"data", "train", "predict"}:
+        return parts[1]
+    return "entry" if parts[1] in ENTRY_MODULES else "base"
+
+
+def arrows_against_the_parts(graph: dict[str, frozenset[str]]) -> list[str]:
+    wrong = []
+    for module, targets in graph.items():
+        for target in targets:
+            if target.split(".")[0] == "pipeline" and part_of(target) not in PART_MAY_IMPORT[part_of(module)]:
+                wrong.append(f"{module} -> {target}")
+            elif part_of(module) == "predict" and part_of(target) == "train" and target not in PREDICT_USES_OF_TRAIN:
+                wrong.append(f"{module} -> {target}")
+    return sorted(wrong)
+
+
+def test_pipeline_parts_import_one_way():
+    graph = {module: imports_of(module) for module in project_modules() if module.startswith("pipeline.")}
+    assert not arrows_against_the_parts(graph), f"imports against pipeline/'s parts: {arrows_against_the_parts(graph)}"
+    # the check sees an arrow back up and one between sub-packages the wrong way
+    assert arrows_against_the_parts({"pipeline.layout": frozenset({"pipeline.data.sampling"}),
+                                     "pipeline.data.windows": frozenset({"pipeline.train.loop"}),
+                                     "pipeline.predict.video": frozenset({"pipeline.train.loop"}),
+                                     "pipeline.train.loop": frozenset({"pipeline.cli"})}) == [
+        "pipeline.data.windows -> pipeline.train.loop", "pipeline.layout -> pipeline.data.sampling",
+        "pipeline.predict.video -> pipeline.train.loop", "pipeline.train.loop -> pipeline.cli"]
+    # one-video prediction runs without the training loop, Ray Train or the optimiser
+    reached = closure("pipeline.predict.video")
+    assert not reached & {"pipeline.train.loop", "pipeline.train.raytrain", "pipeline.train.optim"}, reached
+    assert {"pipeline.train.evaluation", "pipeline.train.export"} <= reached
+
+
+def test_project_root_is_defined_once():
+    definitions = [path.relative_to(ROOT).as_posix() for path in (ROOT / "pipeline").rglob("*.py")
+                   if "\nPROJECT_ROOT = " in path.read_text()]
+    assert definitions == ["pipeline/layout.py"], definitions
+
+
 def test_stages_depend_on_the_params_that_change_their_results():
     """A training stage depends on its own section and the scaling fields that change results (the global batch,
     the device), not on how it runs (CPUs, loader processes, retries, folds at once); params.yaml holds each of
     them (DVC needs a listed key to exist)."""
-    from pipeline.config import RESULT_FIELDS, ScalingSettings
+    from pipeline.config.params import RESULT_FIELDS, ScalingSettings
 
     stages = dvc_stages()
     params_file = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -3,7 +3,7 @@
 Each epoch trains on a new permutation of the fold's training clips (``sampling.GlobalBatchSampler``), then
 the ranks score the validation clips (one temporal view; each rank its share, gathered) and keep the weights of
 the best epoch by the protocol's selection metric. After the last epoch they test with the last and the best
-weights (``evaluation.test_files``). ``pipeline.folds`` runs this for every fold of a dataset.
+weights (``evaluation.test_files``). ``pipeline.train.finetune`` runs this for every fold of a dataset.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import torch.nn.functional as F
 from model import HiCMAEClassifier, load_reference_weights
 from preprocessing.manifest import DatasetInfo
 
-from .augment.mixing import apply_mix, draw_mix
-from .compiled import compiled
-from .data import ClipDataset, evaluation_loader, training_loader
+from ..config.training import FinetuneSettings
+from ..data.augment.mixing import apply_mix, draw_mix
+from ..data.loaders import ClipDataset, evaluation_loader, training_loader
+from ..data.sampling import GlobalBatchSampler, rank_share
+from ..data.windows import finetune_eval_examples, finetune_train_examples
+from ..metrics import selection_metric
+from .compiled import autocast, compiled, unwrap
 from .evaluation import clip_outputs, eval_forward, gather_outputs, model_inputs, score, test_files
-from .examples import finetune_eval_examples, finetune_train_examples
+from .loop import TrainData, TrainingTask, fit
 from .losses import label_smoothing_cross_entropy, soft_target_cross_entropy
-from .metrics import selection_metric
-from .sampling import GlobalBatchSampler, rank_share
-from .settings import FinetuneSettings
-from .training import TrainData, TrainingTask, autocast, fit, unwrap
 
 
 def mixes(info: DatasetInfo, settings: FinetuneSettings) -> bool:

@@ -3,10 +3,10 @@
     hicmae predict videos/ more.mp4 list.csv --model runs/demo/finetune/fold-1/model --out predictions.csv \\
         [--embeddings embeddings.parquet] [--workers 8] [--model-workers 1] [--batch-size 32] [--device auto]
 
-    from pipeline.predict_many import predict_many
+    from .many import predict_many
     rows = predict_many(["videos/"], "runs/demo/finetune/fold-1/model", out="predictions.csv")
 
-Every input takes the path of single-video prediction (``pipeline.predict``), split in two as Ray Data's batch
+Every input takes the path of single-video prediction (``pipeline.predict.video``), split in two as Ray Data's batch
 inference intends: CPU actors (``ClipWindows``, one face detector each) decode, find faces, crop and compute the
 log-mel (``load_clip_media``), go through the shard encoding (``as_shard_sample``) and cut the clip into its
 evaluation windows (``clip_examples``: ``finetune_eval_examples``), one row per window; model actors
@@ -15,7 +15,7 @@ model (``window_outputs``); the driver puts each clip's windows back together an
 as ``predict`` does. The stream is bounded by Ray Data's backpressure, whatever the number of inputs.
 
 A file that cannot be used (missing, undecodable, no audio stream, no face, too short) gets a row whose status
-names the problem in one line, and never stops the others. The table (``pipeline.prediction_table``) is
+names the problem in one line, and never stops the others. The table (``pipeline.predict.table``) is
 committed atomically as rows finish: a run killed at any moment loses no committed row and repeats none, and a
 re-run with the same ``--out`` does only the inputs it has no row for. Ray starts on loopback, or joins the
 cluster of ``RAY_ADDRESS`` (``scripts/ray_submit.sh predict ...``; the files must be where every node sees them).
@@ -48,8 +48,12 @@ from preprocessing.ray_runtime import start_ray
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import ClipSample
 
-from .export import output_names
-from .predict import (
+from ..config.training import WindowSettings
+from ..data.video_batch import GEOMETRY, VIDEO
+from ..train.export import output_names
+from .inputs import VideoInput, collect_inputs
+from .table import EMBEDDINGS, TABLE_SUFFIXES, PredictionTable, table_paths
+from .video import (
     as_shard_sample,
     clip_examples,
     clip_mean,
@@ -61,10 +65,6 @@ from .predict import (
     window_outputs,
     window_span,
 )
-from .predict_inputs import VideoInput, collect_inputs
-from .prediction_table import EMBEDDINGS, TABLE_SUFFIXES, PredictionTable, table_paths
-from .settings import WindowSettings
-from .video_batch import GEOMETRY, VIDEO
 
 WINDOW_ARRAYS = (VIDEO, GEOMETRY, "audio")  # what a window carries from the CPU actors to the model actors
 EMBEDDING_PREFIX = "embedding_"
@@ -345,7 +345,7 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 
 def predict_many_command(args) -> int:
-    """``hicmae predict``: one video as ``pipeline.predict.predict_command``; several, folders or lists into a
+    """``hicmae predict``: one video as ``pipeline.predict.video.predict_command``; several, folders or lists into a
     table, with a progress bar and a summary line on stderr. A bad argument is one line on stderr."""
     if not is_batch(args):
         return predict_command(args)

@@ -6,7 +6,7 @@ One concern per module:
 - ``enhance``: PIL's colour, contrast, brightness and sharpness enhancers on whole clips, value for value;
 - ``transforms``: per-clip resize and RandAugment on uint8 frames in the loader, with the draws of the resized
   crop, flip and erasing that the training device applies after normalising (``train_video_fields``; the device
-  half is ``pipeline.video_batch``), and the deterministic evaluation fields; ``train_video_transform`` and
+  half is ``pipeline.data.video_batch``), and the deterministic evaluation fields; ``train_video_transform`` and
   ``eval_video_transform`` run both halves on one clip;
 - ``mixing``: batch-level Mixup / CutMix and their smoothed soft targets (``mixup_cutmix``).
 The criteria that read the soft targets are in ``pipeline/losses.py``.
@@ -16,7 +16,7 @@ All randomness comes from the ``np.random.Generator`` passed in, so a seed repro
 The reference's waveform ``roll_mag_aug`` is deliberately not reproduced.
 """
 
-from .config import AugmentConfig
+from ...config.augment import AugmentConfig
 from .mixing import mixup_cutmix
 from .transforms import eval_video_fields, eval_video_transform, train_video_fields, train_video_transform
 

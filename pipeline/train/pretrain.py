@@ -18,15 +18,16 @@ from model import HiCMAEPretrain
 from preprocessing.fileio import atomic_path, atomic_write_bytes, write_json
 from preprocessing.shard_index import ShardIndex
 
+from ..config.params import DataParams
+from ..config.training import Params, PretrainSettings, training_params
+from ..console import current
+from ..data.loaders import ClipStream, shards_hash, stream_loader, verified_shards
+from ..data.windows import pretrain_examples
+from ..layout import HISTORY_FILE, Layout, require, shown
 from . import raytrain
-from .config import DataParams
-from .console import current
-from .data import ClipStream, shards_hash, stream_loader, verified_shards
-from .examples import pretrain_examples
-from .layout import HISTORY_FILE, Layout, require, shown
+from .compiled import autocast
+from .loop import TrainData, TrainingTask, fit, results_only, run_options
 from .optim import steps_per_epoch
-from .settings import Params, PretrainSettings, training_params
-from .training import TrainData, TrainingTask, autocast, fit, results_only, run_options
 
 LOSS_KEYS = ("loss", "loss_video", "loss_audio", "loss_contrastive")
 
@@ -107,7 +108,7 @@ def summary_line(dataset: str, metrics: dict, out) -> str:
 
 def stage_pretrain(params: DataParams) -> dict:
     """``hicmae pretrain``: the run above, tracked as the MLflow run ``pretrain-<dataset>``."""
-    from . import tracking  # MLflow for the stage alone: the step and the task import without it (as finetune's)
+    from .. import tracking  # MLflow for the stage alone: the step and the task import without it (as finetune's)
 
     params = training_params(params)
     layout = Layout.current()

@@ -4,10 +4,10 @@
     hicmae predict clip.mp4 --model crema-d-fold1.pth --size hicmae_base --classes crema-d
     hicmae predict clip.mp4 --model ... --embeddings clip.parquet     # also the clip's embeddings
 
-    from pipeline.predict import predict
+    from .video import predict
     result = predict("clip.mp4", "runs/demo/finetune/fold-1/model", out="result.json", preview="preview.mp4")
 
-(Many videos at once, batched on Ray Data into one table: ``pipeline.predict_many``.)
+(Many videos at once, batched on Ray Data into one table: ``pipeline.predict.many``.)
 
 The video takes exactly the path of a training clip: ``load_clip_media`` (decode, face detection and tracking,
 alignment and crop, log-mel, with the model's PreprocessSettings), the shard encoding (JPEG crops, float16
@@ -15,7 +15,7 @@ log-mel) and ``finetune_eval_examples`` (windows of 16 frames every 4th with the
 evaluation transform). The windows cover the whole clip, spread evenly from its first to its last frame
 (overlapping when the clip is not a whole number of windows long); the clip-level prediction is their mean.
 
-A model is an exported folder (``pipeline.export``) or a reference fine-tuned checkpoint (``.pth``: a dict with
+A model is an exported folder (``pipeline.train.export``) or a reference fine-tuned checkpoint (``.pth``: a dict with
 'model' and usually 'args'), which needs the size and the dataset's class (or target) order to be given.
 """
 
@@ -40,15 +40,15 @@ from preprocessing.fileio import atomic_write_text
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shards import decode_sample, encode_sample
 
-from .data import collate
-from .evaluation import eval_forward, model_inputs
-from .examples import finetune_eval_examples, window_starts
-from .export import load_exported, output_names
-from .predict_inputs import file_input
-from .prediction_table import write_embeddings
+from ..config.training import WindowSettings
+from ..data.loaders import collate
+from ..data.video_batch import device_batch
+from ..data.windows import finetune_eval_examples, window_starts
+from ..train.evaluation import eval_forward, model_inputs
+from ..train.export import load_exported, output_names
+from .inputs import file_input
 from .preview import PREVIEW_SUFFIXES, label_text, save_preview
-from .settings import WindowSettings
-from .video_batch import device_batch
+from .table import write_embeddings
 
 BATCH_SIZE = 8
 
@@ -222,7 +222,7 @@ def predict(video: str | Path, model: str | Path, out: str | Path | None = None,
             classes: list[str] | None = None, targets: list[str] | None = None, device: str = "cpu") -> dict:
     """Predict the emotion in ``video`` with ``model``; writes the result JSON to ``out``, a preview (``.png`` grid
     of window frames, or ``.mp4`` with the box and label drawn) to ``preview``, and the clip's embeddings (the
-    windows' mean, as ``pipeline.predict_many`` writes them) to the Parquet file ``embeddings``, when given.
+    windows' mean, as ``pipeline.predict.many`` writes them) to the Parquet file ``embeddings``, when given.
 
     Raises ``MediaError`` (unreadable, no_audio_stream, too_short, no_face, ...) naming the file, and
     ``FileNotFoundError``/``ValueError`` for a model that cannot be used.

@@ -29,9 +29,9 @@ from preprocessing.fileio import atomic_path, atomic_write_text, sha256_file, wr
 from preprocessing.manifest import DatasetInfo, read_manifest
 from preprocessing.settings import PreprocessSettings
 
-from .config import load_dataset_config, load_params
-from .layout import CHECKPOINT_STATE, TEST_METRICS_FILE, Layout, require
-from .settings import WindowSettings, finetune_settings_for, training_params
+from ..config.params import load_dataset_config, load_params
+from ..config.training import WindowSettings, finetune_settings_for, training_params
+from ..layout import CHECKPOINT_STATE, TEST_METRICS_FILE, Layout, require
 
 FORMAT = "hicmae-finetuned/1"
 WEIGHTS_FILE, CARD_FILE, README_FILE = "model.safetensors", "model_card.json", "README.md"
@@ -178,7 +178,7 @@ def model_card_markdown(card: dict, folder: Path) -> str:
         f"    hicmae predict video.mp4 --model {shown_path(folder)} --out result.json --preview preview.png",
         "",
         "or in Python: `pipeline.predict.predict(\"video.mp4\", model=...)`; "
-        "`pipeline.export.load_exported(folder)` returns the model and this card.",
+        "`pipeline.train.export.load_exported(folder)` returns the model and this card.",
         "",
     ]
     return "\n".join(lines)
@@ -197,7 +197,7 @@ def export_fold(dataset: str, params, fold: int | None = None, checkpoint: str |
                 out_dir: str | Path | None = None) -> Path:
     """``hicmae export``: a fine-tuning checkpoint of ``dataset`` exported (by default the newest one of
     ``fold``'s runs, to ``runs/<dataset>/finetune/fold-<fold>/model``), e.g. from a run that did not finish."""
-    from .data import shards_hash, verified_shards
+    from ..data.loaders import shards_hash, verified_shards
 
     if checkpoint is None and fold is None:
         raise ValueError("give --fold (its newest checkpoint) or --checkpoint")

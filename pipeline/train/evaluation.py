@@ -19,10 +19,10 @@ import torch
 
 from preprocessing.manifest import DatasetInfo
 
-from .layout import EMBEDDINGS_FILE, TEST_METRICS_FILE, predictions_file
-from .metrics import classification_metrics, regression_metrics
-from .training import autocast, unwrap
-from .video_batch import device_batch
+from ..data.video_batch import device_batch
+from ..layout import EMBEDDINGS_FILE, TEST_METRICS_FILE, predictions_file
+from ..metrics import classification_metrics, regression_metrics
+from .compiled import autocast, unwrap
 
 
 def model_inputs(net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:

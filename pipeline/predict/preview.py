@@ -59,7 +59,7 @@ def preview_png(path: Path, media: ClipMedia, result: dict) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from .plots import save_figure
+    from ..plots import save_figure
 
     windows = result["windows"]
     shown = [windows[round(i)] for i in np.linspace(0, len(windows) - 1, min(PNG_PANELS, len(windows)))]

@@ -24,23 +24,24 @@ from preprocessing.manifest import ClipRecord, DatasetInfo, read_manifest, split
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shard_index import ShardIndex
 
-from . import raytrain, tracking
-from .config import DataParams, ScalingSettings, load_dataset_config
-from .console import Console, current
-from .data import clip_catalog, shards_hash, verified_shards
-from .export import export_checkpoint
-from .finetune import finetune_worker
-from .layout import FOLD_RESULT_FILES, HISTORY_FILE, PREDICTION_EPOCHS, FinetuneRun, Layout, require, shown
-from .metrics import aggregate_folds, selection_metric
-from .plots import confusion_matrix_figure, save_figure
-from .settings import (
+from .. import tracking
+from ..config.params import DataParams, ScalingSettings, load_dataset_config
+from ..config.training import (
     FinetuneSettings,
     Params,
     WindowSettings,
     finetune_settings_for,
     training_params,
 )
-from .training import run_options
+from ..console import Console, current
+from ..data.loaders import clip_catalog, shards_hash, verified_shards
+from ..layout import FOLD_RESULT_FILES, HISTORY_FILE, PREDICTION_EPOCHS, FinetuneRun, Layout, require, shown
+from ..metrics import aggregate_folds, selection_metric
+from ..plots import confusion_matrix_figure, save_figure
+from . import raytrain
+from .export import export_checkpoint
+from .finetune_fold import finetune_worker
+from .loop import run_options
 
 
 def fold_splits(clips: list[ClipRecord], fold: int, settings: FinetuneSettings) -> dict[str, list[str]]:

@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .config import MAX_LEVEL, AugmentConfig
+from ...config.augment import MAX_LEVEL, AugmentConfig
 from .enhance import brightness_clip, color_clip, contrast_clip, sharpness_clip
 
 FILL_COLOR = (128, 128, 128)  # the reference passes no image mean to RandAugment, so the default grey is used

@@ -1,4 +1,6 @@
-"""``scaling.compile``: torch.compile of the training step and of evaluation, read here and nowhere else.
+"""How a step runs on its device: ``scaling.compile`` (torch.compile of the training step and of evaluation, read
+here and nowhere else), the precision (``autocast``) and the module inside DDP (``unwrap``). Training,
+evaluation and prediction share these; prediction imports them without the training loop.
 
     forward = compiled(losses, "default")          # fullgraph=True: one graph, or an error naming the break
     update = optimizer_update(optimizer, mode)     # AdamW's step, compiled on a GPU
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 NEEDS_GPU = ("reduce-overhead",)
@@ -99,3 +103,17 @@ def compile_counters() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def autocast(device: torch.device, precision: str | None = None):
+    """``precision`` "bf16" (autocast) or "fp32"; None: bf16 on GPU, float32 on CPU (bf16 matmuls are slow on
+    most CPUs)."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel, if wrapped."""
+    return net.module if hasattr(net, "module") else net

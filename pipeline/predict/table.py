@@ -33,11 +33,11 @@ import numpy as np
 from preprocessing.errors import InputError
 from preprocessing.fileio import atomic_path
 
-from .predict_inputs import VideoInput
+from .inputs import VideoInput
 
 COMMIT_SECONDS = 2.0
 TABLE_SUFFIXES = (".csv", ".jsonl")
-EMBEDDINGS = ("video", "audio", "fused")  # the names ``pipeline.predict.window_outputs`` gives them
+EMBEDDINGS = ("video", "audio", "fused")  # the names ``pipeline.predict.video.window_outputs`` gives them
 FACE_COLUMNS = ("frames", "detected", "fraction", "tracks", "cuts")
 
 

@@ -6,11 +6,11 @@ frames per second). A training window is ``num_frames`` frames taken every ``sam
 normalised as the reference does. Pre-training windows carry their masks, drawn here in the loader.
 
 A window's video leaves the loader as uint8 frames of the model's side (the shards' crops are; others are resized
-with PIL first) with the geometry the training device applies to them (``pipeline.video_batch``): pre-training's
+with PIL first) with the geometry the training device applies to them (``pipeline.data.video_batch``): pre-training's
 multi-scale crop box, fine-tuning's resized crop, flip and erasing.
 
 Every random draw of an example comes from ``sample_rng(clip key, epoch, seed)``, so an example is the same
-whichever rank or loader worker makes it. ``pipeline.data`` decides which clips are read, and in which order.
+whichever rank or loader worker makes it. ``pipeline.data.loaders`` decides which clips are read, and in which order.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from model import HiCMAEConfig, random_mask, tube_mask
 from preprocessing.fbank import fbank_to_model_input
 from preprocessing.shards import ClipSample, fbank_window
 
+from ..config.training import WindowSettings
 from .augment import AugmentConfig, eval_video_fields, train_video_fields
 from .augment.transforms import resize_clip
-from .settings import WindowSettings
 from .video_batch import Box, video_fields
 
 PRETRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)

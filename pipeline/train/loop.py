@@ -17,7 +17,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
 
@@ -25,15 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config.params import ProgressSettings, ScalingSettings
+from ..console import Console
+from ..data.video_batch import device_batch
+from ..history import history_csv
+from ..layout import HISTORY_FILE
+from ..progress import EpochProgress, log_interval
 from . import raytrain
 from .compiled import compile_counters, compiled, optimizer_update, resolve
-from .config import ProgressSettings, ScalingSettings
-from .console import Console
-from .history import history_csv
-from .layout import HISTORY_FILE
 from .optim import LrSchedule, build_optimizer, set_lr, tensor_lrs
-from .progress import EpochProgress, log_interval
-from .video_batch import device_batch
 
 
 def seed_everything(seed: int) -> None:
@@ -47,20 +46,6 @@ def seed_epoch(seed: int, rank: int, epoch: int) -> np.random.Generator:
     sequence = np.random.SeedSequence([seed, rank, epoch])
     seed_everything(int(sequence.generate_state(1, np.uint64)[0]))
     return np.random.default_rng(sequence)
-
-
-def autocast(device: torch.device, precision: str | None = None):
-    """``precision`` "bf16" (autocast) or "fp32"; None: bf16 on GPU, float32 on CPU (bf16 matmuls are slow on
-    most CPUs)."""
-    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def unwrap(net: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel, if wrapped."""
-    return net.module if hasattr(net, "module") else net
 
 
 def batches(loader, count: int) -> Iterator[dict]:

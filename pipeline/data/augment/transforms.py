@@ -14,7 +14,7 @@ Training, per clip (every frame of a window shares the same random parameters):
 Evaluation: steps 1 and 3 only.
 
 Steps 1 and 2 run in the loader on uint8 frames (``train_video_fields``, ``eval_video_fields``), which also draw the
-parameters of steps 4-6; steps 3-6 run on the training device, batched (``pipeline.video_batch.video_to_model``).
+parameters of steps 4-6; steps 3-6 run on the training device, batched (``pipeline.data.video_batch.video_to_model``).
 ``train_video_transform`` and ``eval_video_transform`` are both halves for one clip.
 """
 
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...config.augment import AugmentConfig
 from ..video_batch import Box, example_video, uint8_clip, video_fields
-from .config import AugmentConfig
 from .rand_augment import apply_rand_augment, sample_rand_augment
 
 

@@ -23,9 +23,9 @@ import torch
 
 from preprocessing.ray_runtime import on_loopback, start_ray
 
-from .config import ScalingSettings
-from .console import remote_console, verbose
-from .layout import CHECKPOINT_STATE
+from ..config.params import ScalingSettings
+from ..console import remote_console, verbose
+from ..layout import CHECKPOINT_STATE
 
 
 def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,

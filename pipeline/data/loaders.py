@@ -4,7 +4,7 @@ Fine-tuning reads its fold's clips by index (``ClipDataset``: the members' byte 
 only the split's clips are read, in the order of ``sampling.GlobalBatchSampler`` for training and of
 ``sampling.rank_share`` for evaluation. Pre-training streams whole shards (``ClipStream``): this epoch's shards
 of this rank and loader worker (``sampling.epoch_shards``), each read front to back through its index, their clips
-mixed through a buffer while still packed (JPEG bytes), then decoded into examples (``pipeline.examples``).
+mixed through a buffer while still packed (JPEG bytes), then decoded into examples (``pipeline.data.windows``).
 
 Shards are checked against their indexes (size and sha256) before training starts (``verified_shards``): a
 damaged shard stops the stage at once with one line naming it, rather than failing inside every retried worker.

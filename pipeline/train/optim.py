@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .settings import OptimSettings
+from ..config.training import OptimSettings
 
 NO_DECAY_NAMES = ("mask_token", "mask_token_audio")
 

@@ -2,12 +2,12 @@
 and the sections every stage reads. Pydantic models are the schema, the YAML files hold the values.
 
     params = load_params("params.yaml", overrides=["finetune.epochs=3"])   # DataParams
-    params = training_params(params)                                       # pipeline.settings.Params
+    params = training_params(params)                                       # pipeline.config.training.Params
     params.finetune.optim.lr
 
 Unknown keys and invalid values fail at load with the file and the dotted key named. ``dvc exp run -S key=value``
 edits ``params.yaml``; the CLI's ``--set key=value`` applies overrides on top. The training sections (model,
-optimiser, pre-training, fine-tuning, scaling) are checked by ``pipeline.settings``, which imports the model
+optimiser, pre-training, fine-tuning, scaling) are checked by ``pipeline.config.training``, which imports the model
 library: the data stages, which do not train, load ``DataParams`` and so do not depend on the model's code.
 """
 
@@ -31,7 +31,7 @@ from pydantic import (
 from preprocessing.errors import InputError
 from preprocessing.settings import EXECUTION_FIELDS, PreprocessSettings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from ..layout import PROJECT_ROOT
 
 
 class ConfigError(InputError, ValueError):
@@ -107,15 +107,15 @@ RESULT_FIELDS = ("num_workers", "use_gpu", "compile")  # the fields of ScalingSe
 
 class DataParams(Strict):
     """``params.yaml`` with the sections every stage reads checked; the training sections (checked by
-    ``pipeline.settings.Params``, a subclass) are kept as given."""
+    ``pipeline.config.training.Params``, a subclass) are kept as given."""
 
     anchors: dict[str, Any] = Field(default_factory=dict,
                                     description="YAML anchors that several sections share; not read directly")
     demo: DemoSettings = Field(default_factory=DemoSettings)
     datasets: dict[str, DatasetEntry] = Field(default_factory=lambda: {"demo": DatasetEntry(root="data/demo/raw")})
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
-    pretrain: dict[str, Any] = Field(default_factory=dict, description="pipeline.settings.PretrainSettings")
-    finetune: dict[str, Any] = Field(default_factory=dict, description="pipeline.settings.FinetuneSettings")
+    pretrain: dict[str, Any] = Field(default_factory=dict, description="pipeline.config.training.PretrainSettings")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="pipeline.config.training.FinetuneSettings")
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     progress: ProgressSettings = Field(default_factory=ProgressSettings)
     experiment: str = "hicmae"

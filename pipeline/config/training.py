@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from model import ARCHITECTURE_FIELDS, SIZES, HiCMAEConfig, get_config
 
 from .augment import AugmentConfig
-from .config import DataParams, DatasetConfig, Strict, set_dotted, validate
+from .params import DataParams, DatasetConfig, Strict, set_dotted, validate
 
 
 class ModelSettings(Strict):
