@@ -72,10 +72,10 @@ def test_dockerfile_copies_only_files_that_exist():
 
 def test_image_lock_pins_every_project_dependency():
     lock = {}
-    for line in (DOCKER / "requirements.lock").read_text().splitlines():
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
-            assert version, f"docker/requirements.lock: {line!r} is not pinned with =="
+            assert version, f"requirements.lock: {line!r} is not pinned with =="
             lock[re.sub(r"[-_.]+", "-", name).lower()] = version
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for spec in project["dependencies"]:
@@ -83,6 +83,6 @@ def test_image_lock_pins_every_project_dependency():
         name = re.sub(r"[-_.]+", "-", requirement.name).lower()
         if name == "torch":
             continue  # installed by the Dockerfile itself, with CUDA
-        assert name in lock, f"docker/requirements.lock does not pin {requirement.name} (pyproject.toml)"
+        assert name in lock, f"requirements.lock does not pin {requirement.name} (pyproject.toml)"
         assert requirement.specifier.contains(lock[name], prereleases=True), (
-            f"docker/requirements.lock pins {name}=={lock[name]}, outside pyproject.toml's {requirement.specifier}")
+            f"requirements.lock pins {name}=={lock[name]}, outside pyproject.toml's {requirement.specifier}")
