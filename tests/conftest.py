@@ -12,13 +12,18 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from demo_data import DEMO_CLIPS, demo_params
+from demo_run import DemoRun, run_demo_pipeline
 from mlflow_server import MlflowServer, running_mlflow_server
 
+from preprocessing.datasets.demo import generate_demo
 from preprocessing.face_model import ensure_face_models
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -28,6 +33,28 @@ def pytest_addoption(parser) -> None:
     parser.addoption("--require-reference", action="store_true",
                      help=f"fail, not skip, the reference-parity tests when {SHARED_FIXTURES} is absent "
                           "(always the case when CI is set)")
+
+
+MODULE_SECONDS: dict[str, float] = defaultdict(float)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each module's wall time, its fixtures' set-up and tear-down included (printed at the end of the run)."""
+    start = time.perf_counter()
+    try:
+        return (yield)
+    finally:
+        MODULE_SECONDS[item.nodeid.split("::")[0]] += time.perf_counter() - start
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not MODULE_SECONDS:
+        return
+    terminalreporter.section("time per module")
+    for module, seconds in sorted(MODULE_SECONDS.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:8.1f} s  {module}")
+    terminalreporter.write_line(f"{sum(MODULE_SECONDS.values()):8.1f} s  in all")
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +80,32 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
     ``MLFLOW_TRACKING_URI`` at ``mlflow_server.url`` and read back through ``get`` / ``post``."""
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory, mlflow_server) -> Path:
+    """The tiny demo the training tests share, made once a run by the real stages (``manifest``, ``preprocess`` in
+    this process, without Ray Data): ``raw/`` (15 clips), ``data/demo/`` (manifest, shards) and ``params.yaml``.
+    Tests train on it in work folders of their own (``demo_workspace``); one that damages shards copies them."""
+    from pipeline import cli
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo(root / "raw", **DEMO_CLIPS)
+    params = demo_params(root / "params.yaml", root, experiment="demo-shards", scaling={"preprocess_workers": 0})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HICMAE_WORKDIR", str(root))
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+        for stage in ("manifest", "preprocess"):
+            assert cli.main(["--params", str(params), stage, "--dataset", "demo"]) == 0, stage
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_shards, mlflow_server) -> DemoRun:
+    """The tiny demo's five stages end to end, eager, 2 Ray Train workers (tests/demo_run.py), once a test run."""
+    work = tmp_path_factory.mktemp("e2e")
+    (work / "raw").symlink_to(demo_shards / "raw")
+    return run_demo_pipeline(work, mlflow_server)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 2 epochs with a learning-rate schedule, evaluation after every epoch with a short last batch, the test views at the
 end; the compiled pre-training has a worker killed and resumes. The compiled runs are one graph per function that
 never recompiles (dynamo's counters, logged to MLflow, and ``TORCH_LOGS=recompiles``) and end where the eager runs
-end, within tests/test_compile.py's tolerance scaled to two epochs (``RTOL``).
+end, within tests/test_compile.py's tolerance scaled to two epochs (``RTOL``). The eager runs are the end-to-end run
+that tests/test_pipeline.py checks (``conftest.demo_run``): the same params, data and workers, so they run once.
 
 Except for one thing, which is the reference's and not the compiler's: the audio reconstruction target of a patch
 of silence. The reference normalises each log-mel patch by its own standard deviation plus 1e-6; a silent patch is
@@ -25,36 +26,14 @@ import numpy as np
 import psutil
 import pytest
 import torch
-import yaml
 
 from pipeline import cli
-from preprocessing.datasets.demo import generate_demo
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
-EPOCHS, RTOL, AUDIO_RTOL, WEIGHT_ATOL = 2, 1e-3, 5e-2, 5e-4
-SPEAKERS, CLIPS = 5, 4  # 20 clips: pre-training steps of 2 x 2 clips, 5 per epoch; fine-tuning 3 per epoch
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, mlflow_server):
-    """Demo clips, their manifest and shards (by the real stages), and the module's params.yaml."""
-    root = tmp_path_factory.mktemp("compiled")
-    generate_demo(root / "raw", seed=0, speakers=SPEAKERS, clips_per_speaker=CLIPS)
-    params = {
-        "datasets": {"demo": {"root": str(root / "raw")}},
-        "preprocess": {"shard_size": 5},
-        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2,
-                     "optim": {"warmup_epochs": 0.5}},
-        "finetune": {"model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2, "folds": [1],
-                     "augment": {"rand_augment": False}, "optim": {"warmup_epochs": 0.5}},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "loader_workers": 0, "max_failures": 1,
-                    "preprocess_workers": 0},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("manifest", "preprocess"):
-        run_stages(root, mlflow_server, "none", [stage, "--dataset", "demo"])
-    return root
+RTOL, AUDIO_RTOL, WEIGHT_ATOL = 1e-3, 5e-2, 5e-4
+# On the shared demo (15 clips, tests/demo_run.py's params): pre-training 3 steps of 2 x 2 clips an epoch;
+# fine-tuning fold 1 2 steps, and evaluation with a short last batch (3 validation clips over 2 ranks).
 
 
 def run_stages(work: Path, server, mode: str, *stages: list[str], experiment: str = "compile") -> None:
@@ -65,15 +44,6 @@ def run_stages(work: Path, server, mode: str, *stages: list[str], experiment: st
             args = ["--params", str(work / "params.yaml"), "--set", f"scaling.compile={mode}",
                     "--set", f"experiment={experiment}", *stage]
             assert cli.main(args) == 0, stage
-
-
-def workspace(prepared: Path, name: str) -> Path:
-    """A work folder of its own on the prepared shards."""
-    work = prepared / name
-    work.mkdir()
-    (work / "data").symlink_to(prepared / "data")
-    (work / "params.yaml").write_text((prepared / "params.yaml").read_text())
-    return work
 
 
 def history(path: Path) -> list[dict[str, float]]:
@@ -95,15 +65,17 @@ def metric_history(server, experiment: str, run_name: str, key: str) -> list[flo
     return [point["value"] for point in sorted(values, key=lambda point: point["step"])]
 
 
-def test_compiled_stages_end_where_eager_ones_do(prepared, mlflow_server, monkeypatch, capfd,
+def test_compiled_stages_end_where_eager_ones_do(demo_run, tmp_path, mlflow_server, monkeypatch, capfd,
                                                  kill_worker_after_checkpoint):
     import ray
 
     ray.shutdown()  # a Ray of its own, whose workers log recompilations
     monkeypatch.setenv("TORCH_LOGS", "recompiles")
-    eager, graph = (workspace(prepared, name) for name in ("eager", "graph"))
-    stages = (["pretrain"], ["finetune", "--dataset", "demo"])
-    run_stages(eager, mlflow_server, "none", *stages, experiment="compile-none")
+    eager, graph = demo_run.work, tmp_path / "graph"  # eager: 2 workers, both folds, from the same shards
+    graph.mkdir()
+    (graph / "data").symlink_to(eager / "data")
+    (graph / "params.yaml").write_text((eager / "params.yaml").read_text())
+    stages = (["pretrain"], ["--set", "finetune.folds=[1]", "finetune", "--dataset", "demo"])
     ours = psutil.Process()  # a local Ray: its processes descend from this one
     with kill_worker_after_checkpoint(lambda: ours.children(recursive=True), graph / "ray_results") as killer:
         run_stages(graph, mlflow_server, "default", stages[0], experiment="compile-default")

@@ -17,7 +17,7 @@ import yaml
 from dvc_project import copy_project
 from media import Portrait, scene, speech_wav, write_clip
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 SPEAKERS = {"ann": 1, "bob": 1, "cat": 2, "dan": 2}  # speaker -> the fold the first list gives
 CLASSES = ["calm", "angry"]

@@ -4,21 +4,21 @@ training stops at once with one line naming it, and preprocessing run again redo
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from demo_data import DEMO_CLIPS, DEMO_PREPROCESS
 
-from preprocessing.datasets.demo import generate_demo
 from preprocessing.fileio import sha256_file
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 
-def test_a_truncated_shard_stops_training_in_one_line_and_preprocessing_redoes_it(hicmae, tmp_path):
-    generate_demo(tmp_path / "raw", seed=0, speakers=5, clips_per_speaker=1)
-    settings = ["--set", f"datasets.demo.root={tmp_path / 'raw'}", "--set", "preprocess.shard_size=3",
+def test_a_truncated_shard_stops_training_in_one_line_and_preprocessing_redoes_it(hicmae, tmp_path, demo_shards):
+    shutil.copytree(demo_shards / "data", tmp_path / "data")  # a copy of the shared demo's manifest and shards
+    settings = ["--set", f"datasets.demo.root={demo_shards / 'raw'}",
+                "--set", f"preprocess.shard_size={DEMO_PREPROCESS['shard_size']}",
                 "--set", "scaling.preprocess_workers=0", "--set", "finetune.init=none"]
-    for stage in ("manifest", "preprocess"):
-        assert hicmae(*settings, stage, "--dataset", "demo").returncode == 0
     shards = sorted((tmp_path / "data/demo/processed/shards").glob("shard-*.tar"))
     assert len(shards) == 2
     whole = {shard: sha256_file(shard) for shard in shards}
@@ -38,5 +38,6 @@ def test_a_truncated_shard_stops_training_in_one_line_and_preprocessing_redoes_i
     redo = hicmae(*settings, "preprocess", "--dataset", "demo")
     assert redo.returncode == 0, redo.stderr
     summary = json.loads((tmp_path / "data/demo/processed/summary.json").read_text())
-    assert summary["ok"] == 5 and shards[1].stat().st_mtime_ns == untouched  # the damaged unit alone, redone
+    assert summary["ok"] == DEMO_CLIPS["speakers"] * DEMO_CLIPS["clips_per_speaker"]
+    assert shards[1].stat().st_mtime_ns == untouched  # the damaged unit alone, redone
     assert {shard: sha256_file(shard) for shard in shards} == whole   # the same bytes as before the damage

@@ -14,35 +14,23 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
+from demo_data import demo_workspace
 from safetensors.torch import load_file
 
 from pipeline import cli
 from pipeline.train import raytrain
 from pipeline.train.loop import progress_line
-from preprocessing.datasets.demo import generate_demo
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 FOLDS, EPOCHS = (1, 2), 3
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, mlflow_server):
-    """Demo clips of 5 speakers, their manifest and shards (by the real stages), and the module's params.yaml."""
-    root = tmp_path_factory.mktemp("folds")
-    generate_demo(root / "raw", seed=0, speakers=5, clips_per_speaker=3)
-    params = {
-        "datasets": {"demo": {"root": str(root / "raw")}},
-        "preprocess": {"shard_size": 8},
-        "finetune": {"model": {"size": "hicmae_test"}, "init": "none", "epochs": EPOCHS, "batch_size": 4,
-                     "folds": list(FOLDS), "optim": {"warmup_epochs": 0}},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1, "preprocess_workers": 0},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    run_cli(root, mlflow_server, "manifest", "--dataset", "demo")
-    run_cli(root, mlflow_server, "preprocess", "--dataset", "demo")
-    return root
+PARAMS = {
+    "finetune": {"model": {"size": "hicmae_test"}, "init": "none", "epochs": EPOCHS, "batch_size": 4,
+                 "folds": list(FOLDS), "optim": {"warmup_epochs": 0}},
+    "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
+}
 
 
 def run_cli(work: Path, server, *args: str, params: Path | None = None) -> None:
@@ -52,11 +40,10 @@ def run_cli(work: Path, server, *args: str, params: Path | None = None) -> None:
         assert cli.main(["--params", str(params or work / "params.yaml"), *args]) == 0
 
 
-def finetune(prepared: Path, work: Path, server, *overrides: str) -> Path:
-    """The fine-tuning stage in its own work folder, on the prepared shards; returns its folds' folder."""
-    work.mkdir()
-    (work / "data").symlink_to(prepared / "data")
-    run_cli(work, server, *overrides, "finetune", "--dataset", "demo", params=prepared / "params.yaml")
+def finetune(demo: Path, work: Path, server, *overrides: str) -> Path:
+    """The fine-tuning stage in its own work folder, on the shared demo's shards; returns its folds' folder."""
+    demo_workspace(demo, work, **PARAMS)
+    run_cli(work, server, *overrides, "finetune", "--dataset", "demo")
     return work / "runs/demo/finetune"
 
 
@@ -91,9 +78,9 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path):
     assert sorted(path.name for path in tmp_path.glob("*.done")) == ["1.done", "3.done"]
 
 
-def test_folds_side_by_side_equal_one_at_a_time_and_a_killed_fold_resumes(prepared, mlflow_server, tmp_path,
+def test_folds_side_by_side_equal_one_at_a_time_and_a_killed_fold_resumes(demo_shards, mlflow_server, tmp_path,
                                                                          kill_worker_after_checkpoint, capsys):
-    alone = finetune(prepared, tmp_path / "alone", mlflow_server, "--set", "scaling.concurrent_folds=1",
+    alone = finetune(demo_shards, tmp_path / "alone", mlflow_server, "--set", "scaling.concurrent_folds=1",
                      "--set", "experiment=folds-alone")
     output = "".join(capsys.readouterr())  # the workers' lines: stdout and stderr
     assert "folds 1, 2 of 5, 1 at a time" in output
@@ -104,7 +91,7 @@ def test_folds_side_by_side_equal_one_at_a_time_and_a_killed_fold_resumes(prepar
     ours = psutil.Process()  # a local Ray: its processes descend from this one
     with kill_worker_after_checkpoint(lambda: ours.children(recursive=True), together_work / "ray_results",
                                       runs=2) as killer:
-        together = finetune(prepared, together_work, mlflow_server, "--set", "experiment=folds-together")
+        together = finetune(demo_shards, together_work, mlflow_server, "--set", "experiment=folds-together")
     output = "".join(capsys.readouterr())
     assert "folds 1, 2 of 5, 2 at a time" in output
     for fold in FOLDS:  # both folds' progress shows (the killed fold may redo the epochs after its checkpoint)

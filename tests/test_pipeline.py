@@ -1,29 +1,26 @@
 """End to end on tiny real data: demo clips -> manifest -> shards -> pretrain -> finetune 2 folds -> MLflow.
 
-Runs the real command (``python -m pipeline.cli``, a process of its own as a user's) on a real Ray (loopback) and a
-real ``mlflow server``, with 2 Ray Train workers (DDP on gloo) and both folds at once, and reads what it printed:
-a header, each epoch's line once per fold, progress within epochs, a summary with the fold metrics and nothing of
-the libraries' internals (``--verbose`` shows those); the log file and MLflow keep them, with step-level curves.
+The run is ``conftest.demo_run`` (tests/demo_run.py): the real command (``python -m pipeline.cli``, a process of its
+own as a user's) on a real Ray (loopback) and a real ``mlflow server``, with 2 Ray Train workers (DDP on gloo) and
+both folds at once. These tests read what it printed: a header, each epoch's line once per fold, progress within
+epochs, a summary with the fold metrics and nothing of the libraries' internals (``--verbose`` shows those); the log
+file and MLflow keep them, with step-level curves.
+
+While the stages ran, every socket their process trees listened on was recorded: a local Ray really is local (with
+no ``RAY_ADDRESS``, the GCS, raylet, object manager, dashboard and its agents, each worker's gRPC server, Ray Data's
+actors, Ray Train's workers and their gloo rendezvous all listen on the loopback interface only).
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from demo_run import EPOCHS, FOLDS, hicmae, is_loopback
 from matplotlib.image import imread
 
-from preprocessing.datasets.demo import generate_demo
+pytestmark = pytest.mark.system
 
-pytestmark = pytest.mark.slow
-
-PROJECT = Path(__file__).resolve().parents[1]
-EPOCHS, FOLDS = 2, (1, 2)
 MAX_LINES = 45  # the console of the five stages, besides the progress lines within epochs
 STEPS = {"pretrain demo": 3, "demo fold 1": 2, "demo fold 2": 2}  # per epoch: 15 clips / 4, 9 training clips / 4
 NOISE = ("Checkpoint successfully created", "Reporting training result", "TrainController", "RayTrainWorker",
@@ -32,46 +29,15 @@ NOISE = ("Checkpoint successfully created", "Reporting training result", "TrainC
          "FaceDetector.__del__", "Traceback", "INFO mlflow", "[repeated", "is empty", '"confusion_matrix"',
          "View run", "core_worker.cc")
 
-def write_params(path: Path, raw: Path, **sections) -> Path:
-    params = {
-        "datasets": {"demo": {"root": str(raw)}},
-        "experiment": "e2e",
-        "preprocess": {"shard_size": 8},
-        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2,
-                     "optim": {"warmup_epochs": 0}},
-        "finetune": {"model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2, "folds": list(FOLDS),
-                     "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_workers": 2},  # DDP on gloo, as a cluster
-        "progress": {"show_every_s": 0.01},  # a progress line at every step but an epoch's last
-        **sections,
-    }
-    path.write_text(yaml.safe_dump(params))
-    return path
 
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("work")
-    generate_demo(root / "raw", seed=0, speakers=5, clips_per_speaker=3)
-    return root
-
-
-def hicmae(work: Path, server, *args: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(HICMAE_WORKDIR=str(work), MLFLOW_TRACKING_URI=server.url)
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "--params", str(work / "params.yaml"), *args],
-                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(workdir, mlflow_server):
-    write_params(workdir / "params.yaml", workdir / "raw")
-    console = []
-    for argv in (["manifest", "--dataset", "demo"], ["preprocess", "--dataset", "demo"], ["pretrain"],
-                 ["finetune", "--dataset", "demo"], ["report"]):
-        result = hicmae(workdir, mlflow_server, *argv)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        console += (result.stdout + result.stderr).splitlines()
+def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(demo_run, mlflow_server):
+    workdir, console, sockets = demo_run.work, demo_run.console, demo_run.sockets
     check_console(console)
+
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names and len(sockets) >= 10, sockets  # the Ray sessions were seen
+    exposed = sorted(socket for socket in sockets if not is_loopback(socket[0]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
 
     summary = json.loads((workdir / "data/demo/processed/summary.json").read_text())
     assert summary["ok"] == 15
@@ -152,8 +118,13 @@ def check_console(console: list[str]) -> None:
     assert "runs/demo/metrics.json" in text and "logs/finetune-demo.log" in text
 
 
-def test_verbose_shows_the_details(workdir, mlflow_server):
-    result = hicmae(workdir, mlflow_server, "--verbose", "--set", "finetune.folds=[1]", "--set", "finetune.epochs=1",
+def test_verbose_shows_the_details(demo_run, mlflow_server, tmp_path):
+    work = tmp_path / "verbose"  # a folder of its own: the end-to-end run's outputs stay as they are
+    work.mkdir()
+    (work / "data").symlink_to(demo_run.work / "data")
+    (work / "params.yaml").write_text((demo_run.work / "params.yaml").read_text())
+    result = hicmae(work, mlflow_server, "--verbose", "--set", "finetune.folds=[1]", "--set", "finetune.epochs=1",
+                    "--set", f"finetune.init={demo_run.work / 'runs/pretrain/checkpoint.pt'}",
                     "finetune", "--dataset", "demo")
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout + result.stderr

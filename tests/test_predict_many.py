@@ -110,7 +110,7 @@ def batch_run(videos, model) -> dict:
     return {"left": left, "final": read_outputs(videos), "stderr": done.stderr}
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_a_killed_run_leaves_whole_rows_and_the_next_run_completes_it(batch_run):
     rows, table, embeddings = batch_run["left"]
     assert 1 <= len(rows) < 12, "the kill came too late to test resuming"
@@ -126,7 +126,7 @@ def test_a_killed_run_leaves_whole_rows_and_the_next_run_completes_it(batch_run)
     assert sorted(final_embeddings) == sorted(GOOD + SEGMENTS)  # one per ok input, none for the broken ones
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_every_input_has_its_row_and_the_broken_ones_say_why(batch_run, videos):
     final, table, _ = batch_run["final"]
     by_id = {row["id"]: row for row in final}
@@ -152,7 +152,7 @@ def test_every_input_has_its_row_and_the_broken_ones_say_why(batch_run, videos):
     assert "Traceback" not in stderr and "INFO" not in stderr
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_outputs_and_embeddings_equal_single_video_prediction(batch_run, videos, model, tmp_path):
     _, _, embeddings = batch_run["final"]
     by_id = {row["id"]: row for row in batch_run["final"][0]}
@@ -171,7 +171,7 @@ def test_outputs_and_embeddings_equal_single_video_prediction(batch_run, videos,
             np.testing.assert_allclose(embeddings[name][embedding], one[embedding], atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_a_finished_table_is_not_predicted_again(batch_run, videos, model):
     before = (videos / "out/predictions.jsonl").read_bytes()
     done = subprocess.run(command(model), cwd=videos, capture_output=True, text=True, timeout=300)

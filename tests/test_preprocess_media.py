@@ -118,7 +118,7 @@ def test_detect_frames_examines_every_nth_and_the_last_frame():
     assert detect_frames(Recorder(), frames[:1], every=3)[0] is not None
 
 
-@pytest.mark.slow
+@pytest.mark.system
 @pytest.mark.parametrize("detect_every, examined", [(1, 50), (2, 26)])
 def test_crop_is_centred_on_the_face(tmp_path, speech, detector, detect_every, examined):
     path = write_clip(tmp_path / "face clip.mp4", seconds=2.0, speech=speech)

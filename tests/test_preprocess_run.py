@@ -90,7 +90,7 @@ def _status(out: Path) -> dict[str, dict]:
     return {row["clip_id"]: row for row in rows}
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_corpus_on_ray_then_rerun_does_nothing(corpus, tmp_path):
     out = tmp_path / "out"
     settings = PreprocessSettings(shard_size=4, workers=2, cpus_per_worker=0.5, progress=False)
@@ -134,7 +134,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
         time.sleep(0.05)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
     root = tmp_path / "media"
     speech = speech_wav(tmp_path / "speech.wav")

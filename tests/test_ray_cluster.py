@@ -26,13 +26,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
+from demo_data import demo_workspace
 
-from pipeline import cli
 from pipeline.config.params import PROJECT_ROOT
-from preprocessing.datasets.demo import generate_demo
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 EXPERIMENT, KILLED_EXPERIMENT = "ray-cluster", "ray-cluster-killed"
 PRETRAIN_EPOCHS = 4
@@ -144,32 +142,14 @@ def cluster(workdir, mlflow_server):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def write_params(path: Path, raw: Path) -> Path:
-    params = {
-        "datasets": {"demo": {"root": str(raw)}},
-        "experiment": EXPERIMENT,
-        "preprocess": {"shard_size": 5},
-        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": PRETRAIN_EPOCHS, "batch_size": 4,
-                     "optim": {"warmup_epochs": 1}},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1,  # DDP: one of the 2 gets killed
-                    "checkpoint_every": 1, "preprocess_workers": 0},
-    }
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, mlflow_server):
-    """Demo clips of 5 speakers -> manifest -> shards, by the real stages; the module's params.yaml."""
-    root = tmp_path_factory.mktemp("work")
-    generate_demo(root / "raw", seed=0, speakers=5, clips_per_speaker=2)
-    params = str(write_params(root / "params.yaml", root / "raw"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HICMAE_WORKDIR", str(root))
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-        for argv in (["manifest", "--dataset", "demo"], ["preprocess", "--dataset", "demo"]):
-            assert cli.main(["--params", params, *argv]) == 0
-    return root
+def workdir(tmp_path_factory, demo_shards):
+    """The module's work folder on the shared demo's shards, with its params.yaml."""
+    return demo_workspace(demo_shards, tmp_path_factory.mktemp("work"), experiment=EXPERIMENT, pretrain={
+        "dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": PRETRAIN_EPOCHS, "batch_size": 4,
+        "optim": {"warmup_epochs": 1}}, scaling={
+        "num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1,  # DDP: one of the 2 gets killed
+        "checkpoint_every": 1})
 
 
 def submit(cluster: Cluster, *args: str) -> str:

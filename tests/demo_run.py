@@ -1,0 +1,98 @@
+"""The end-to-end run of the tiny demo that several test modules read: every stage through the real command
+(``python -m pipeline.cli``, a process of its own as a user's) on a real Ray (loopback) and a real ``mlflow server``,
+with 2 Ray Train workers (DDP on gloo) and both folds at once, eager. ``conftest.demo_run`` runs it once a test run;
+tests/test_pipeline.py checks what it printed, wrote and logged, and tests/test_compile_stages.py compares compiled
+stages with it. While the stages that start Ray run, the listening sockets of their process trees are recorded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+EPOCHS, FOLDS = 2, (1, 2)
+STAGES = (["manifest", "--dataset", "demo"], ["preprocess", "--dataset", "demo"], ["pretrain"],
+          ["finetune", "--dataset", "demo"], ["report"])
+
+
+@dataclass
+class DemoRun:
+    work: Path  # HICMAE_WORKDIR of the run: raw/ (the shared demo's clips), data/, runs/, reports/, logs/
+    console: list[str]  # what the five stages printed, stdout and stderr
+    sockets: set[tuple[str, int, str]]  # (address, port, process) listened on while preprocess and pretrain ran
+
+
+def write_params(path: Path, raw: Path, **sections) -> Path:
+    """The run's params.yaml: the test model size, 2 epochs, the shared demo's preprocessing, 2 DDP workers."""
+    params = {
+        "datasets": {"demo": {"root": str(raw)}},
+        "experiment": "e2e",
+        "preprocess": {"shard_size": 8},
+        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2,
+                     "optim": {"warmup_epochs": 0}},
+        "finetune": {"model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2, "folds": list(FOLDS),
+                     "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_workers": 2},  # DDP on gloo, as a cluster
+        "progress": {"show_every_s": 0.01},  # a progress line at every step but an epoch's last
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_demo_pipeline(work: Path, server) -> DemoRun:
+    """The five stages in ``work`` (which holds ``raw``); fails on the first stage that does not exit 0."""
+    write_params(work / "params.yaml", work / "raw")
+    console, sockets = [], set()
+    for argv in STAGES:
+        watch = argv[0] in ("preprocess", "pretrain")  # Ray Data; Ray Train, 2 workers on gloo
+        result = hicmae(work, server, *argv, sockets=sockets if watch else None)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        console += (result.stdout + result.stderr).splitlines()
+    return DemoRun(work, console, sockets)
+
+
+def hicmae(work: Path, server, *args: str, sockets: set | None = None) -> subprocess.CompletedProcess:
+    """Run the command to its end; with ``sockets``, add the listening sockets of its process tree, polled."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(HICMAE_WORKDIR=str(work), MLFLOW_TRACKING_URI=server.url)
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--params", str(work / "params.yaml"), *args],
+                               cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if sockets is not None:
+        watched = psutil.Process(process.pid)
+        while process.poll() is None:
+            sockets |= listening(watched)
+            time.sleep(0.5)
+    stdout, stderr = process.communicate(timeout=900)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def listening(process: psutil.Process) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of ``process`` and its descendants."""
+    found = set()
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for member in members:
+        try:
+            for connection in member.net_connections(kind="tcp"):
+                if connection.status == psutil.CONN_LISTEN:
+                    found.add((connection.laddr.ip, connection.laddr.port, member.name()))
+        except psutil.Error:
+            continue
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
