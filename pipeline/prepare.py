@@ -44,7 +44,7 @@ def stage_manifest(params: DataParams, dataset: str) -> Path:
 
 def stage_preprocess(params: DataParams, dataset: str) -> dict:
     """Preprocess the dataset's manifest into shards; the run logs the summary, the run's figures and the per-clip
-    status table."""
+    status table. Its input is the manifest (its sha256 the digest)."""
     root = params.dataset(dataset).root_path()
     data = Layout.current().data(dataset)
     require(data.manifest, f"run `hicmae manifest --dataset {dataset}` first")
@@ -54,6 +54,7 @@ def stage_preprocess(params: DataParams, dataset: str) -> dict:
                    f"{settings.crop_size} px faces, {workers}")
     with tracking.start_stage_run("preprocess", settings, experiment=params.experiment,
                                   run_name=f"preprocess-{dataset}",
+                                  inputs=[tracking.file_input(f"{dataset}-manifest", data.manifest, "preprocessing")],
                                   tags={"dataset": dataset, "variant": params.variant}):
         summary = preprocess(data.manifest, data.processed, root, settings, bar=counter)
         tracking.log_metrics({k: v for k, v in summary.items() if k != "failed"})

@@ -255,12 +255,15 @@ def write_report(datasets: Iterable[str], layout: Layout) -> dict:
 
 
 def stage_report(params: DataParams) -> str:
-    """``hicmae report``: reports/ for every dataset in params.yaml, all logged to the MLflow run ``report``."""
+    """``hicmae report``: reports/ for every dataset in params.yaml, all logged to the MLflow run ``report``; its
+    inputs are the fold summaries it read (``runs/<dataset>/metrics.json``, their sha256 the digest)."""
     layout = Layout.current()
     out = layout.reports
     with tracking.start_stage_run("report", params, experiment=params.experiment, run_name="report",
-                                  tags={"variant": params.variant}):
+                                  tags={"variant": params.variant}) as run:
         report = write_report(params.datasets, layout)
+        tracking.log_inputs(run.info.run_id, [tracking.file_input(f"{name}-results", layout.finetune(name).metrics,
+                                                                  "report") for name in params.datasets])
         for name in ("results.md", "results.json"):
             mlflow.log_artifact(str(out / name))
         tracking.log_table(report["rows"], "results.csv")

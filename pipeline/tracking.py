@@ -10,7 +10,11 @@ file ``<project>/mlflow.db``. With a local store, artifacts of experiment ``<nam
 Under DVC the project is ``$DVC_ROOT``, also for experiments that run in a temporary copy (``--temp``, queued).
 
 Every stage run is tagged so that variants compare side by side in one MLflow experiment: ``variant`` (given by
-the stage), and under ``dvc exp run`` the experiment's name, its baseline commit and the params it changed.
+the stage), and under ``dvc exp run`` the experiment's name, its baseline commit and the params it changed. The
+variant and those changed params are params of the run as well, and a fold run has its stage run's params and its
+``fold``: the UI's compare view plots and diffs params. What a run read (a dataset's shards, a checkpoint) are its
+MLflow dataset inputs, the runs table's Dataset column. The experiment is tagged as model training and holds a
+view of its runs table for comparing variants: ``runs_view_url`` links to it (and to the UI's model training side).
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 import mlflow
 import numpy as np
 import yaml
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from .console import console_log, current
@@ -39,6 +46,16 @@ from .metrics import is_scalar
 DATABASE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 LOCAL_SCHEMES = ("sqlite", "file", "")
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"  # model training
+CONTEXT_TAG = "mlflow.data.context"  # how a run used a dataset input ("training", "init")
+DIGEST_CHARS = 12  # of a dataset input's hash: tells datasets apart and fits the runs table's Dataset column
+DEFINING_TAGS = ("variant", "params_changed")  # tags that are also params: what the compare view shows
+RUNS_VIEW = "ablations"  # the runs table view that ensure_experiment registers (``runs_view_url``)
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"  # where the UI keeps a view that its Share button made
+# The UI's GenAI / Model training switch: 3.17 opens every experiment as GenAI (its Overview, runs filed under
+# "Evaluation runs") unless the link or the browser's last choice says otherwise, whatever the experiment's kind.
+TRAINING_UI = "workflowType=machine_learning"
+ENV_LOCK_FILE = "requirements.lock"  # every dependency's version (scripts/setup.sh, docker/Dockerfile)
 
 
 def tracking_uri(project_root: str | Path = PROJECT_ROOT) -> str:
@@ -68,21 +85,47 @@ def artifact_location(project_root: str | Path, experiment: str) -> str:
 def ensure_experiment(name: str, project_root: str | Path = PROJECT_ROOT) -> str:
     """The id of experiment ``name`` in the current tracking store, created (or restored) when needed.
 
-    A local store gets the deterministic artifact location above; a server picks its own.
+    A local store gets the deterministic artifact location above; a server picks its own. The experiment is
+    tagged as model training (``mlflow.experimentKind``, unless it has a kind already) and holds the UI's
+    ``runs_view`` (opened by ``runs_view_url``).
     """
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         location = artifact_location(project_root, name) if is_local_store(mlflow.get_tracking_uri()) else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: TRAINING_KIND, RUNS_VIEW_TAG: runs_view()})
         except MlflowException:  # created meanwhile by another process
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before runs were tagged so
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    if experiment.tags.get(RUNS_VIEW_TAG) != runs_view():
+        client.set_experiment_tag(experiment.experiment_id, RUNS_VIEW_TAG, runs_view())
     return experiment.experiment_id
+
+
+def runs_view() -> str:
+    """The UI's runs table for comparing variants, as the UI stores a shared view (JSON): the fine-tuning runs
+    (their fold runs nested) with, first, their variant, the params it changed (``dvc exp run``), their datasets
+    and the fold means of the test metrics.
+
+    A column that no run has is not shown: classification gets UAR and WAR, regression mean CCC.
+    """
+    columns = [f"{kind}.`{key}`" for kind, key in (
+        ("tags", "variant"), ("params", "params_changed"), ("attributes", "Dataset"),
+        *(("metrics", f"test/{name}_mean") for name in ("uar", "war", "ccc_mean")))]
+    return json.dumps({"searchFilter": "tags.dvc_stage = 'finetune'", "selectedColumns": columns,
+                       "columnOrder": columns, "columnWidths": {"attributes.`Dataset`": 460}})
+
+
+def runs_view_url(ui: str, experiment_id: str) -> str:
+    """The link to experiment ``experiment_id``'s runs in the ``runs_view``, in the MLflow UI at ``ui``."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}&{TRAINING_UI}"
 
 
 def git_commit(project_root: str | Path = PROJECT_ROOT) -> str:
@@ -93,6 +136,14 @@ def git_commit(project_root: str | Path = PROJECT_ROOT) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return result.stdout.strip() or "unknown"
+
+
+def env_lock_hash(project_root: str | Path = PROJECT_ROOT) -> str:
+    """sha256 of the project's ``requirements.lock`` (the pinned environment the code runs in), or "missing"."""
+    try:
+        return hashlib.sha256((Path(project_root) / ENV_LOCK_FILE).read_bytes()).hexdigest()
+    except OSError:
+        return "missing"
 
 
 def store_root(project_root: str | Path = PROJECT_ROOT) -> Path:
@@ -163,29 +214,72 @@ def config_params(config) -> dict[str, str]:
     return {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in flatten(plain(config)).items()}
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, hex."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def dataset_input(name: str, digest: str, source: str | Path, context: str,
+                  profile: Mapping | None = None) -> DatasetInput:
+    """What a run read, as an MLflow dataset input: ``name`` at ``digest`` (a hash, its first DIGEST_CHARS
+    characters), from the local path ``source``, used as ``context`` ("training", "init"); ``profile``: its size.
+
+    The UI shows it in the runs table's Dataset column and filters runs by it; the same name and digest is the same
+    dataset across runs.
+    """
+    dataset = Dataset(name=name, digest=digest[:DIGEST_CHARS], source_type="local",
+                      source=json.dumps({"uri": str(Path(source).resolve())}),
+                      profile=json.dumps(dict(profile)) if profile else None)
+    return DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, context)])
+
+
+def file_input(name: str, path: str | Path, context: str) -> DatasetInput:
+    """A file (a checkpoint) as a dataset input, its sha256 the digest."""
+    return dataset_input(name, file_sha256(path), path, context, {"bytes": Path(path).stat().st_size})
+
+
+def shards_input(name: str, folder: str | Path, shards: Sequence, data_hash: str) -> DatasetInput:
+    """Dataset ``name``'s processed ``shards`` (the ``ShardIndex`` of each, in ``folder``) as a training input,
+    digest ``data_hash`` (``data.shards_hash``)."""
+    return dataset_input(name, data_hash, folder, "training",
+                         {"shards": len(shards), "clips": sum(len(shard.samples) for shard in shards)})
+
+
+def log_inputs(run_id: str, inputs: Sequence[DatasetInput]) -> None:
+    """Add dataset inputs to a run (by id: any run, active or not)."""
+    if inputs:
+        mlflow.MlflowClient().log_inputs(run_id, datasets=list(inputs))
+
+
 @contextlib.contextmanager
 def start_stage_run(stage: str, config, experiment: str, run_name: str | None = None,
                     parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-                    data_hash: str | None = None, project_root: str | Path = PROJECT_ROOT) -> Iterator:
+                    data_hash: str | None = None, inputs: Sequence[DatasetInput] = (),
+                    project_root: str | Path = PROJECT_ROOT) -> Iterator:
     """Start an MLflow run for one pipeline stage and yield it; it ends (FAILED on an exception) on exit.
 
     The run is nested under ``parent_run_id`` when given (e.g. a fold run under the stage run started by the
     driver), else under the run active in this process, if any. It logs ``config`` as dotted params and as the
     artifact ``config.yaml``, and tags ``dvc_stage``, ``git_commit`` (also ``mlflow.source.git.commit``),
-    ``data_hash`` when given (``data.shards_hash``), the ``experiment_tags`` and ``tags``. On exit it logs the
-    stage's log file (``console.stage_console``) as an artifact.
+    ``env.lock_sha256`` (``env_lock_hash`` of the running code's project: the environment it was installed with),
+    ``data_hash`` when given (``data.shards_hash``), the ``experiment_tags`` and ``tags``; of those, the
+    ``DEFINING_TAGS`` are params too. ``inputs`` (``dataset_input``): what it reads. On exit it logs the stage's log
+    file (``console.stage_console``) as an artifact.
     """
     mlflow.set_tracking_uri(tracking_uri(store_root(project_root)))
     experiment_id = ensure_experiment(experiment, store_root(project_root))
     commit = git_commit(project_root)
     run_tags = {"dvc_stage": stage, "git_commit": commit, "mlflow.source.git.commit": commit,
-                **experiment_tags(project_root)}
+                "env.lock_sha256": env_lock_hash(), **experiment_tags(project_root)}
     if data_hash is not None:
         run_tags["data_hash"] = data_hash
     run_tags.update({key: str(value) for key, value in (tags or {}).items()})
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
                           nested=mlflow.active_run() is not None, tags=run_tags) as run:
-        mlflow.log_params(config_params(config))
+        defining = {key: run_tags[key][:MAX_PARAM_VAL_LENGTH] for key in DEFINING_TAGS if key in run_tags}
+        mlflow.log_params({**config_params(config), **defining})
+        log_inputs(run.info.run_id, inputs)
         mlflow.log_text(yaml.safe_dump(plain(config), sort_keys=False), "config.yaml")
         try:
             yield run
@@ -195,7 +289,8 @@ def start_stage_run(stage: str, config, experiment: str, run_name: str | None = 
                 mlflow.log_artifact(str(log_file))
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")) and not parent_run_id:  # MLflow's own line is off (console.py)
-        current().show(f"{stage}: MLflow run {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
+        current().show(f"{stage}: MLflow run {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}"
+                       f"?{TRAINING_UI}")
 
 
 def log_metrics(metrics: Mapping, step: int | None = None) -> dict[str, float]:
@@ -239,7 +334,8 @@ class RunLogger:
     def log(self, metrics: Mapping, step: int) -> None:
         """The finite numbers of ``metrics`` (nested ones under ``/``-joined keys) at ``step``."""
         flat = {k: float(v) for k, v in flatten(metrics, sep="/").items() if is_scalar(v)}
-        entries = [mlflow.entities.Metric(key, value, 0, step) for key, value in flat.items()]
+        now = get_current_time_millis()  # the charts' wall-time and relative-time axes
+        entries = [Metric(key, value, now, step) for key, value in flat.items()]
         mlflow.MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=entries)
 
     def log_epoch(self, metrics: Mapping, epoch: int) -> None:
@@ -258,13 +354,22 @@ def run_logger(run) -> RunLogger:
     return RunLogger(mlflow.get_tracking_uri(), run.info.run_id)
 
 
-def start_child_run(parent, run_name: str, tags: Mapping[str, str]) -> RunLogger:
+def start_child_run(parent, run_name: str, tags: Mapping[str, str],
+                    params: Mapping[str, object] | None = None) -> RunLogger:
     """A run nested under ``parent`` (an active mlflow Run) that other processes log into by id.
 
-    It carries the parent's own tags (``variant``, the experiment's, ...), then ``tags``.
+    It carries the parent's own tags (``variant``, the experiment's, ...), then ``tags``; the parent's params (its
+    config, the variant), then ``params`` (the fold); and the parent's dataset inputs. So two fold runs of
+    different variants compare in the UI as their stage runs do.
     """
     uri = mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(parent.info.run_id)  # with what it logged after it started
     inherited = {key: value for key, value in parent.data.tags.items() if not key.startswith("mlflow.")}
-    run = mlflow.MlflowClient(uri).create_run(parent.info.experiment_id, run_name=run_name,
-                                              tags={**inherited, "mlflow.parentRunId": parent.info.run_id, **tags})
+    run = client.create_run(parent.info.experiment_id, run_name=run_name,
+                            tags={**inherited, "mlflow.parentRunId": parent.info.run_id, **tags})
+    own = {**parent.data.params, **{key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in (params or {}).items()}}
+    client.log_batch(run.info.run_id, params=[Param(key, value) for key, value in own.items()])
+    if parent.inputs and parent.inputs.dataset_inputs:
+        client.log_inputs(run.info.run_id, datasets=parent.inputs.dataset_inputs)
     return run_logger(run)

@@ -73,10 +73,30 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(demo_run, mlflow_serve
     assert {m["key"] for m in parent["data"]["metrics"]} >= {"test/war_mean", "test/uar_std"}
     params_logged = {p["key"]: p["value"] for p in parent["data"]["params"]}
     assert params_logged["epochs"] == "2" and params_logged["protocol"] == "clean"
+    assert params_logged["variant"] == "baseline"
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+
+    def inputs(run: dict) -> dict[str, tuple[str, str]]:  # its MLflow datasets: name -> (digest, context)
+        return {item["dataset"]["name"]: (item["dataset"]["digest"], item["tags"][0]["value"])
+                for item in run.get("inputs", {}).get("dataset_inputs", [])}
+
+    checkpoint = next(t["value"] for t in by_name["pretrain-demo"]["data"]["tags"] if t["key"] == "checkpoint_sha256")
+    for name, expected in (("pretrain-demo", {"demo": (tags["data_hash"], "training")}),
+                           ("finetune-demo", {"demo": (tags["data_hash"], "training"),
+                                              "runs/pretrain/checkpoint.pt": (checkpoint, "init")})):
+        found = inputs(by_name[name])
+        assert found.keys() == expected.keys(), (name, found)
+        for dataset, (digest, context) in found.items():  # the digest: the hash's first characters
+            assert len(digest) >= 8 and expected[dataset][0].startswith(digest), (name, found)
+            assert context == expected[dataset][1], (name, found)
+    assert [context for _, context in inputs(by_name["preprocess-demo"]).values()] == ["preprocessing"]
+    assert [context for _, context in inputs(by_name["report"]).values()] == ["report"]
     for fold in (1, 2):
         child = by_name[f"demo-fold{fold}"]
         child_tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
         assert child_tags["mlflow.parentRunId"] == parent["info"]["run_id"]
+        assert {p["key"]: p["value"] for p in child["data"]["params"]} == {**params_logged, "fold": str(fold)}
+        assert inputs(child) == inputs(parent)
         assert child["info"]["status"] == "FINISHED"
         assert "test/war" in {m["key"] for m in child["data"]["metrics"]}
         history = mlflow_server.get("metrics/get-history", run_id=child["info"]["run_id"], metric_key="train/loss")
@@ -90,6 +110,8 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(demo_run, mlflow_serve
         steps = mlflow_server.get("metrics/get-history", run_id=by_name[name]["info"]["run_id"],
                                   metric_key="train_step/loss")["metrics"]  # step-level: every step, at so few
         assert sorted(point["step"] for point in steps) == list(range(1, EPOCHS * STEPS[label] + 1)), name
+        began, ended = (int(by_name[name]["info"][key]) for key in ("start_time", "end_time"))
+        assert all(began <= int(point["timestamp"]) <= ended for point in steps), (name, steps)  # real time, not 0
     files = mlflow_server.get("artifacts/list", run_id=parent["info"]["run_id"])["files"]
     assert "finetune-demo.log" in {item["path"] for item in files}
     log = (workdir / "logs" / "finetune-demo.log").read_text()

@@ -1,22 +1,29 @@
 """Stage runs land in MLflow with their config, tags, metrics and artifacts: local SQLite store and real server."""
 
+import hashlib
+import json
 import math
 import os
 import subprocess
+import time
 
 import mlflow
 import pytest
 import yaml
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from pipeline import tracking
+from pipeline.layout import PROJECT_ROOT
 from pipeline.plots import confusion_matrix_figure, save_figure
 from pipeline.tracking import (
     artifact_location,
     config_params,
+    ensure_experiment,
     flatten,
     git_commit,
     log_metrics,
     log_table,
+    start_child_run,
     start_stage_run,
     tracking_uri,
 )
@@ -155,6 +162,8 @@ def test_server(mlflow_server, project, mlflow_state, monkeypatch):
     stage_run, fold_run = by_name["stage"], by_name["fold1"]
     assert values(stage_run, "params")["optim.betas"] == "[0.9, 0.999]"
     assert values(stage_run, "tags")["git_commit"] == commit
+    lock = hashlib.sha256((PROJECT_ROOT / "requirements.lock").read_bytes()).hexdigest()
+    assert values(stage_run, "tags")["env.lock_sha256"] == lock  # the checkout's lock, whatever project_root
     assert values(stage_run, "tags")["dvc_stage"] == "finetune"
     assert values(fold_run, "tags")["mlflow.parentRunId"] == stage.info.run_id
     assert values(fold_run, "metrics") == {"val/uar": 0.45}
@@ -168,3 +177,65 @@ def test_server(mlflow_server, project, mlflow_state, monkeypatch):
     assert [f["file_size"] for f in report_plots["files"]] == [image.stat().st_size]
     assert list((mlflow_server.folder / "artifacts").rglob("config.yaml"))  # stored by the server, not locally
     assert not (root / "mlartifacts" / "demo-server").exists()
+
+
+def test_variant_runs_compare(project, tmp_path, mlflow_state, monkeypatch):
+    """What the UI compares: a stage run's dataset inputs and defining params, its fold run's copy of both with the
+    fold, metrics logged from elsewhere at the time they were logged, and the experiment marked as training."""
+    root, commit = project
+    monkeypatch.setenv("DVC_EXP_NAME", "last_layer")  # under `dvc exp run`; git has no params.yaml to diff here
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", commit)
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"pre-trained weights")
+    inputs = [tracking.dataset_input("demo", "ab" * 32, tmp_path / "processed", "training", {"clips": 15}),
+              tracking.file_input("runs/pretrain/checkpoint.pt", checkpoint, "init")]
+    config = {"epochs": 2, "model": {"size": "hicmae_test", "overrides": {"feature_fusion": "last"}}}
+    began = time.time() * 1000
+    with start_stage_run("finetune", config, "variants", run_name="finetune-demo", inputs=inputs,
+                         tags={"variant": "last_layer"}, project_root=root) as stage:
+        fold = start_child_run(stage, "demo-fold1", {"fold": "1"}, params={"fold": 1})
+        fold.log({"train_step/loss": 1.25}, step=3)
+        fold.finish({"test": {"war": 0.5}})
+    ended = time.time() * 1000
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(root))
+    stage_run, fold_run = client.get_run(stage.info.run_id), client.get_run(fold.run_id)
+    expected_params = {"epochs": "2", "model.size": "hicmae_test", "model.overrides.feature_fusion": "last",
+                       "variant": "last_layer", "params_changed": "unknown"}
+    assert stage_run.data.params == expected_params
+    assert fold_run.data.params == {**expected_params, "fold": "1"}
+    weights = hashlib.sha256(b"pre-trained weights").hexdigest()[:tracking.DIGEST_CHARS]
+    for run in (stage_run, fold_run):
+        found = {(item.dataset.name, item.dataset.digest, item.dataset.source_type,
+                  json.loads(item.dataset.source)["uri"], tuple((t.key, t.value) for t in item.tags))
+                 for item in run.inputs.dataset_inputs}
+        assert found == {("demo", "abababababab", "local", str(tmp_path / "processed"),
+                          (("mlflow.data.context", "training"),)),
+                         ("runs/pretrain/checkpoint.pt", weights, "local", str(checkpoint),
+                          (("mlflow.data.context", "init"),))}, run.info.run_name
+    points = [*client.get_metric_history(fold.run_id, "train_step/loss"),
+              *client.get_metric_history(fold.run_id, "test/war")]
+    assert [(point.step, point.value) for point in points] == [(3, 1.25), (0, 0.5)]
+    assert all(began <= point.timestamp <= ended for point in points), points  # not 0: the charts' time axes
+
+    tags = client.get_experiment(stage.info.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags[f"mlflow.sharedViewState.{tracking.RUNS_VIEW}"])
+    assert {"attributes.`Dataset`", "tags.`variant`", "params.`params_changed`"} <= set(view["selectedColumns"])
+    url = tracking.runs_view_url("http://127.0.0.1:5000/", stage.info.experiment_id)
+    assert url == (f"http://127.0.0.1:5000/#/experiments/{stage.info.experiment_id}/runs"
+                   "?viewStateShareKey=ablations&workflowType=machine_learning")
+
+
+def test_an_older_experiment_gets_the_training_kind_and_the_view(project, mlflow_state):
+    """An experiment made before (or by hand) is marked when a stage next uses it; a kind set by hand is kept."""
+    root, _ = project
+    mlflow.set_tracking_uri(tracking_uri(root))
+    client = mlflow.MlflowClient()
+    older = client.create_experiment("older")
+    by_hand = client.create_experiment("by hand", tags={"mlflow.experimentKind": "finetuning"})
+    assert ensure_experiment("older", root) == older and ensure_experiment("by hand", root) == by_hand
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(by_hand).tags["mlflow.experimentKind"] == "finetuning"
+    for experiment in (older, by_hand):
+        assert client.get_experiment(experiment).tags[tracking.RUNS_VIEW_TAG] == tracking.runs_view()

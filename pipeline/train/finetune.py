@@ -37,7 +37,6 @@ from ..console import Console, current
 from ..data.loaders import clip_catalog, shards_hash, verified_shards
 from ..layout import FOLD_RESULT_FILES, HISTORY_FILE, PREDICTION_EPOCHS, FinetuneRun, Layout, require, shown
 from ..metrics import aggregate_folds, selection_metric
-from ..plots import confusion_matrix_figure, save_figure
 from . import raytrain
 from .export import export_checkpoint
 from .finetune_fold import finetune_worker
@@ -142,15 +141,19 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
         require(Path(init), "run `hicmae pretrain` first, or set finetune.init to none or a checkpoint file")
     info, _ = read_manifest(data.manifest)
     shards = verified_shards(data.processed, f"run `hicmae preprocess --dataset {dataset}` again to redo it")
+    data_hash = shards_hash(shards)
+    inputs = [tracking.shards_input(dataset, data.processed, shards, data_hash)]
+    if init:  # the weights it starts from: pre-training's checkpoint (its run's tag checkpoint_sha256) or a file
+        inputs.append(tracking.file_input(shown(init), init, "init"))
     with tracking.start_stage_run("finetune", settings, experiment=params.experiment, run_name=f"finetune-{dataset}",
-                                  data_hash=shards_hash(shards),
+                                  data_hash=data_hash, inputs=inputs,
                                   tags={"dataset": dataset, "protocol": settings.protocol,
                                         "variant": params.variant}) as parent:
         fold_runs: dict[int, tracking.RunLogger] = {}
 
         def fold_logger(fold: int) -> tracking.RunLogger:
             fold_runs[fold] = tracking.start_child_run(parent, f"{dataset}-fold{fold}", {
-                "fold": str(fold), "dataset": dataset, "dvc_stage": "finetune"})
+                "fold": str(fold), "dataset": dataset, "dvc_stage": "finetune"}, params={"fold": fold})
             return fold_runs[fold]
 
         try:
@@ -202,6 +205,10 @@ def summary_table(per_fold: dict[int, dict], info: DatasetInfo, summary: dict) -
 
 def log_fold_artifacts(out: FinetuneRun, summary: dict, info: DatasetInfo) -> None:
     """Per-clip predictions, the per-epoch history and confusion-matrix plots of every fold into the parent run."""
+    # Here, not with the module: matplotlib and scikit-learn (~0.6 s) for the stage's end alone, not for every
+    # fold's Ray task, which imports this module to run its ``FoldJob``.
+    from ..plots import confusion_matrix_figure, save_figure
+
     for fold in summary["folds"]:
         fold_run = out.fold(fold)
         metrics = json.loads(fold_run.test_metrics.read_text())

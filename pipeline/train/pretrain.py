@@ -108,6 +108,8 @@ def summary_line(dataset: str, metrics: dict, out) -> str:
 
 def stage_pretrain(params: DataParams) -> dict:
     """``hicmae pretrain``: the run above, tracked as the MLflow run ``pretrain-<dataset>``."""
+    import mlflow
+
     from .. import tracking  # MLflow for the stage alone: the step and the task import without it (as finetune's)
 
     params = training_params(params)
@@ -115,11 +117,15 @@ def stage_pretrain(params: DataParams) -> dict:
     dataset = params.pretrain.dataset
     processed = require(layout.data(dataset).processed, f"run `hicmae preprocess --dataset {dataset}` first")
     shards = verified_shards(processed, f"run `hicmae preprocess --dataset {dataset}` again to redo it")
+    data_hash = shards_hash(shards)
     with tracking.start_stage_run("pretrain", params.pretrain, experiment=params.experiment,
-                                  run_name=f"pretrain-{dataset}", data_hash=shards_hash(shards),
+                                  run_name=f"pretrain-{dataset}", data_hash=data_hash,
+                                  inputs=[tracking.shards_input(dataset, processed, shards, data_hash)],
                                   tags={"dataset": dataset, "variant": params.variant}) as run:
         logger = tracking.run_logger(run)
         metrics = run_pretrain(params, layout, shards, tracker=logger)
         tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+        # the digest of fine-tuning's "init" input: which pre-training a fine-tuning run started from
+        mlflow.set_tag("checkpoint_sha256", tracking.file_sha256(layout.pretrain.checkpoint))
     current().show(summary_line(dataset, metrics, layout.pretrain))
     return metrics
