@@ -16,8 +16,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import pearsonr
-from sklearn.metrics import f1_score, roc_auc_score
+
+# scipy.stats and sklearn.metrics (~1 s to import) are imported by the functions that use them: what imports this
+# module for the rest (MLflow tracking, the fold summary, pre-training) does without them.
 
 
 def classification_metrics(y_true, probs, class_names: Sequence[str]) -> dict:
@@ -29,6 +30,8 @@ def classification_metrics(y_true, probs, class_names: Sequence[str]) -> dict:
     macro mean over the classes present in ``y_true``; the key is left out when fewer than two are present.
     The confusion matrix is a C x C list of lists over all classes, rows = true class, columns = predicted.
     """
+    from sklearn.metrics import f1_score
+
     y_true = np.asarray(y_true).astype(int).reshape(-1)
     probs = np.asarray(probs, dtype=np.float64)
     _check_classification_inputs(y_true, probs, class_names)
@@ -67,6 +70,8 @@ def one_vs_rest_auc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[int
     """Macro mean of the binary ROC AUCs 'class c vs the rest' over ``classes``; None with fewer than two."""
     if len(classes) < 2:
         return None
+    from sklearn.metrics import roc_auc_score
+
     return float(np.mean([roc_auc_score(y_true == c, probs[:, c]) for c in classes]))
 
 
@@ -74,6 +79,8 @@ def pearson_cc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Pearson correlation of two 1-D arrays; 0.0 where it is undefined (fewer than two samples, a constant)."""
     if len(y_true) < 2 or np.ptp(y_true) == 0 or np.ptp(y_pred) == 0:
         return 0.0
+    from scipy.stats import pearsonr
+
     return float(pearsonr(y_true, y_pred)[0])
 
 

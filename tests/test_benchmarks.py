@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from functools import partial
@@ -115,6 +116,42 @@ def test_folds_benchmark_reads_the_stages_epoch_lines():
     assert folds.EPOCH_LINE.search(line).groups() == ("3", "12", "50")
     busy, total = folds.cpu_times()
     assert 0 < busy < total
+
+
+def test_startup_benchmark_times_phases_from_the_commands_own_processes(tmp_path):
+    """benchmarks/startup.py, whose runs take minutes: the stamps its sitecustomize writes in a real process, the
+    phases a run's stamps give (adding up to the command's time), and its import table."""
+    startup = load_benchmark("startup")
+    stamps = tmp_path / "stamps.jsonl"
+    env = {**os.environ, startup.STAMPS: str(stamps),
+           "PYTHONPATH": os.pathsep.join([str(startup.write_hooks(tmp_path / "hooks")), str(BENCHMARKS.parent)])}
+    wrapped = ("import pipeline.train.pretrain as p, pipeline.train.loop as l, preprocessing.ray_runtime as r\n"
+               "assert all(f.__wrapped__ for f in (p.stage_pretrain, l.fit, l.TrainStep.__call__, r.start_ray))\n"
+               "import pipeline.tracking")
+    subprocess.run([sys.executable, "-c", wrapped], env=env, check=True, timeout=120)
+    events = [json.loads(line)["event"] for line in stamps.read_text().splitlines()]
+    assert events == ["python", "stage_module_imported", "tracking_import_begin", "mlflow_import_begin",
+                      "mlflow_imported", "tracking_imported", "atexit_last"]
+
+    times = {"stage_module_imported": 2, "stage_begin": 2, "mlflow_import_begin": 2.1, "mlflow_imported": 2.5,
+             "tracking_import_begin": 2.5, "tracking_imported": 3,
+             "mlflow_setup_begin": 3, "mlflow_setup_end": 4, "start_ray_begin": 4, "start_ray_end": 9,
+             "ray_started": 9, "trainer_fit_begin": 10, "trainer_fit_end": 31, "stage_end": 32, "atexit_first": 32.1,
+             "atexit_last": 34}
+    run = [{"t": t, "pid": 1, "event": event} for event, t in times.items()]
+    for pid, fit, step in ((2, 20, 25), (3, 21, 25.1)):  # two ranks: the first step is the earliest
+        run += [{"t": t, "pid": pid, "event": event} for event, t in (
+            ("python", fit - 5), ("worker_fit_begin", fit), ("step_begin", step), ("step_end", 26),
+            ("worker_fit_end", 30 + pid / 10))]
+    phases = startup.phases(sorted(run, key=lambda e: e["t"]), main_pid=1, began=0, ended=35)
+    assert {name: round(phases[name], 6) for name in startup.PHASES} == {
+        "imports": 2, "mlflow": 1.9, "ray": 5, "other": 1.1, "raytrain": 15, "first_step": 1, "rest": 9}
+    assert sum(phases[name] for name in startup.PHASES) == pytest.approx(phases["total"]) == 35
+    assert phases["fit_return"] == pytest.approx(0.7) and phases["finalise"] == 1 and phases["processes"] == 2
+
+    [row] = startup.import_times([BENCHMARKS.parent], ["pipeline.tracking"], runs=1)
+    assert row["wall"] > row["packages"]["mlflow"] > 0
+    assert row["packages"]["scipy.stats"] == row["packages"]["sklearn"] == 0  # pipeline.metrics imports them in use
 
 
 def test_train_step_benchmark_reports_throughput_and_exact_flops(train_step, tmp_path):

@@ -27,6 +27,8 @@ from ..config.params import ScalingSettings
 from ..console import remote_console, verbose
 from ..layout import CHECKPOINT_STATE
 
+TRACKER = "tracker"  # a run's MLflow logger in its config (``loop.run_options``): rank 0's alone
+
 
 def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,
                 storage: str | Path):
@@ -37,7 +39,8 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
 
     ``loop_config`` travels pickled to bytes: Ray Train's controller process unpickles ``train_loop_config`` but
     has no use for it, and its objects would make it import what they need (MLflow, the training modules), which
-    delays every run's start by seconds of CPU. The workers unpickle it (``_unpack``).
+    delays every run's start by seconds of CPU. The workers unpickle it (``_unpack``), all but rank 0 without the
+    ``tracker`` (None for them), which only rank 0 uses and whose unpickling imports MLflow (seconds of CPU).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -46,9 +49,11 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
 
     start_ray(log_to_driver=verbose())
     name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    tracker = pickle.dumps(loop_config[TRACKER]) if loop_config.get(TRACKER) is not None else None
     trainer = TorchTrainer(
         partial(_unpack, loop),
-        train_loop_config={"pickled": pickle.dumps(loop_config)},
+        train_loop_config={"pickled": pickle.dumps({**loop_config, TRACKER: None} if tracker else loop_config),
+                           TRACKER: tracker},
         torch_config=LoopbackTorchConfig() if on_loopback() else TorchConfig(),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
@@ -68,7 +73,12 @@ def worker_console():
 
 
 def _unpack(loop: Callable[[dict], None], config: dict) -> None:
-    loop(pickle.loads(config["pickled"]))
+    import ray.train
+
+    loop_config = pickle.loads(config["pickled"])
+    if config[TRACKER] is not None and ray.train.get_context().get_world_rank() == 0:
+        loop_config[TRACKER] = pickle.loads(config[TRACKER])
+    loop(loop_config)
 
 
 def runs_that_fit(scaling: ScalingSettings, limit: int | None = None) -> int:
