@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from preprocessing.fileio import sha256_file
 
 from .console import console_log, current
 from .layout import PROJECT_ROOT
@@ -141,7 +142,7 @@ def git_commit(project_root: str | Path = PROJECT_ROOT) -> str:
 def env_lock_hash(project_root: str | Path = PROJECT_ROOT) -> str:
     """sha256 of the project's ``requirements.lock`` (the pinned environment the code runs in), or "missing"."""
     try:
-        return hashlib.sha256((Path(project_root) / ENV_LOCK_FILE).read_bytes()).hexdigest()
+        return sha256_file(Path(project_root) / ENV_LOCK_FILE)
     except OSError:
         return "missing"
 
@@ -214,12 +215,6 @@ def config_params(config) -> dict[str, str]:
     return {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in flatten(plain(config)).items()}
 
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's bytes, hex."""
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def dataset_input(name: str, digest: str, source: str | Path, context: str,
                   profile: Mapping | None = None) -> DatasetInput:
     """What a run read, as an MLflow dataset input: ``name`` at ``digest`` (a hash, its first DIGEST_CHARS
@@ -236,7 +231,7 @@ def dataset_input(name: str, digest: str, source: str | Path, context: str,
 
 def file_input(name: str, path: str | Path, context: str) -> DatasetInput:
     """A file (a checkpoint) as a dataset input, its sha256 the digest."""
-    return dataset_input(name, file_sha256(path), path, context, {"bytes": Path(path).stat().st_size})
+    return dataset_input(name, sha256_file(path), path, context, {"bytes": Path(path).stat().st_size})
 
 
 def shards_input(name: str, folder: str | Path, shards: Sequence, data_hash: str) -> DatasetInput:

@@ -11,15 +11,17 @@ import ipaddress
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import yaml
+from demo_data import demo_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 EPOCHS, FOLDS = 2, (1, 2)
+TIMEOUT_S = 900  # a stage's process, at most
 STAGES = (["manifest", "--dataset", "demo"], ["preprocess", "--dataset", "demo"], ["pretrain"],
           ["finetune", "--dataset", "demo"], ["report"])
 
@@ -31,27 +33,22 @@ class DemoRun:
     sockets: set[tuple[str, int, str]]  # (address, port, process) listened on while preprocess and pretrain ran
 
 
-def write_params(path: Path, raw: Path, **sections) -> Path:
-    """The run's params.yaml: the test model size, 2 epochs, the shared demo's preprocessing, 2 DDP workers."""
-    params = {
-        "datasets": {"demo": {"root": str(raw)}},
-        "experiment": "e2e",
-        "preprocess": {"shard_size": 8},
-        "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2,
-                     "optim": {"warmup_epochs": 0}},
-        "finetune": {"model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2, "folds": list(FOLDS),
-                     "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_workers": 2},  # DDP on gloo, as a cluster
-        "progress": {"show_every_s": 0.01},  # a progress line at every step but an epoch's last
-        **sections,
-    }
-    path.write_text(yaml.safe_dump(params))
-    return path
+# The run's own sections of params.yaml over the shared demo (demo_data.demo_params): the test model size, 2 epochs,
+# 2 DDP workers, a progress line at every step but an epoch's last.
+PARAMS = {
+    "experiment": "e2e",
+    "pretrain": {"dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2,
+                 "optim": {"warmup_epochs": 0}},
+    "finetune": {"model": {"size": "hicmae_test"}, "epochs": EPOCHS, "batch_size": 2, "folds": list(FOLDS),
+                 "optim": {"warmup_epochs": 0, "layer_decay": 0.75}},
+    "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "preprocess_workers": 2},  # DDP on gloo, as a cluster
+    "progress": {"show_every_s": 0.01},
+}
 
 
 def run_demo_pipeline(work: Path, server) -> DemoRun:
     """The five stages in ``work`` (which holds ``raw``); fails on the first stage that does not exit 0."""
-    write_params(work / "params.yaml", work / "raw")
+    demo_params(work / "params.yaml", work, **PARAMS)
     console, sockets = [], set()
     for argv in STAGES:
         watch = argv[0] in ("preprocess", "pretrain")  # Ray Data; Ray Train, 2 workers on gloo
@@ -65,15 +62,21 @@ def hicmae(work: Path, server, *args: str, sockets: set | None = None) -> subpro
     """Run the command to its end; with ``sockets``, add the listening sockets of its process tree, polled."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env.update(HICMAE_WORKDIR=str(work), MLFLOW_TRACKING_URI=server.url)
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--params", str(work / "params.yaml"), *args],
-                               cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if sockets is not None:
-        watched = psutil.Process(process.pid)
+    # Output to files, not pipes: a pipe nobody reads while the sockets are polled would stop a talkative stage.
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--params", str(work / "params.yaml"),
+                                    *args], cwd=PROJECT, env=env, stdout=stdout, stderr=stderr, text=True)
+        watched, deadline = psutil.Process(process.pid), time.monotonic() + TIMEOUT_S
         while process.poll() is None:
-            sockets |= listening(watched)
+            if time.monotonic() > deadline:
+                process.kill()
+                raise subprocess.TimeoutExpired(process.args, TIMEOUT_S)
+            if sockets is not None:
+                sockets |= listening(watched)
             time.sleep(0.5)
-    stdout, stderr = process.communicate(timeout=900)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        stdout.seek(0)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout.read(), stderr.read())
 
 
 def listening(process: psutil.Process) -> set[tuple[str, int, str]]:

@@ -3,7 +3,7 @@
     hicmae predict videos/ more.mp4 list.csv --model runs/demo/finetune/fold-1/model --out predictions.csv \\
         [--embeddings embeddings.parquet] [--workers 8] [--model-workers 1] [--batch-size 32] [--device auto]
 
-    from .many import predict_many
+    from pipeline.predict import predict_many
     rows = predict_many(["videos/"], "runs/demo/finetune/fold-1/model", out="predictions.csv")
 
 Every input takes the path of single-video prediction (``pipeline.predict.video``), split in two as Ray Data's batch

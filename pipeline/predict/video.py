@@ -4,7 +4,7 @@
     hicmae predict clip.mp4 --model crema-d-fold1.pth --size hicmae_base --classes crema-d
     hicmae predict clip.mp4 --model ... --embeddings clip.parquet     # also the clip's embeddings
 
-    from .video import predict
+    from pipeline.predict import predict
     result = predict("clip.mp4", "runs/demo/finetune/fold-1/model", out="result.json", preview="preview.mp4")
 
 (Many videos at once, batched on Ray Data into one table: ``pipeline.predict.many``.)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from model import HiCMAEPretrain
-from preprocessing.fileio import atomic_path, atomic_write_bytes, write_json
+from preprocessing.fileio import atomic_path, atomic_write_bytes, sha256_file, write_json
 from preprocessing.shard_index import ShardIndex
 
 from ..config.params import DataParams
@@ -126,6 +126,6 @@ def stage_pretrain(params: DataParams) -> dict:
         metrics = run_pretrain(params, layout, shards, tracker=logger)
         tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
         # the digest of fine-tuning's "init" input: which pre-training a fine-tuning run started from
-        mlflow.set_tag("checkpoint_sha256", tracking.file_sha256(layout.pretrain.checkpoint))
+        mlflow.set_tag("checkpoint_sha256", sha256_file(layout.pretrain.checkpoint))
     current().show(summary_line(dataset, metrics, layout.pretrain))
     return metrics
