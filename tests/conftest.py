@@ -8,11 +8,11 @@ promise that the model equals the reference is checked on every CI run.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +21,7 @@ import psutil
 import pytest
 from demo_data import DEMO_CLIPS, demo_params
 from demo_run import DemoRun, run_demo_pipeline
+from filelock import FileLock
 from mlflow_server import MlflowServer, running_mlflow_server
 
 from preprocessing.datasets.demo import generate_demo
@@ -38,14 +39,29 @@ def pytest_addoption(parser) -> None:
 MODULE_SECONDS: dict[str, float] = defaultdict(float)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """Each module's wall time, its fixtures' set-up and tear-down included (printed at the end of the run)."""
-    start = time.perf_counter()
-    try:
-        return (yield)
-    finally:
-        MODULE_SECONDS[item.nodeid.split("::")[0]] += time.perf_counter() - start
+def pytest_runtest_logreport(report) -> None:
+    """Each module's wall time, its fixtures' set-up and tear-down included (printed at the end of the run; with
+    several test processes the reports reach the main one)."""
+    MODULE_SECONDS[report.nodeid.split("::")[0]] += report.duration
+
+
+# The test processes (``./run.sh test`` starts two, pytest-xdist's ``--dist loadgroup``) take whole groups: a module
+# is a group (its module-scoped fixtures are made once), and the modules that check the shared end-to-end run
+# (``demo_run``) are one. The groups are handed out in this order, the longest first (from CI's "time per module"),
+# so that neither process is left with a long group at the end; the rest follow in collection order.
+DEMO_RUN_GROUP = "demo-run"
+LONGEST_FIRST = ("tests/test_dvc.py", DEMO_RUN_GROUP, "tests/test_ray_cluster.py", "tests/test_folds.py",
+                 "tests/test_custom_pipeline.py", "tests/test_compile.py", "tests/test_predict_many.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def group(item) -> str:
+        return DEMO_RUN_GROUP if "demo_run" in item.fixturenames else item.nodeid.split("::")[0]
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: collection order within a rank
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -87,9 +103,22 @@ def demo_shards(tmp_path_factory, mlflow_server) -> Path:
     """The tiny demo the training tests share, made once a run by the real stages (``manifest``, ``preprocess`` in
     this process, without Ray Data): ``raw/`` (15 clips), ``data/demo/`` (manifest, shards) and ``params.yaml``.
     Tests train on it in work folders of their own (``demo_workspace``); one that damages shards copies them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: the first to get here makes it
+        root = tmp_path_factory.getbasetemp().parent / "demo"
+        with FileLock(f"{root}.lock"):
+            if not (root / "made").is_file():  # not a half-made one of a process that failed
+                shutil.rmtree(root, ignore_errors=True)
+                _make_demo_shards(root, mlflow_server)
+                (root / "made").touch()
+        return root
+    root = tmp_path_factory.mktemp("demo")
+    _make_demo_shards(root, mlflow_server)
+    return root
+
+
+def _make_demo_shards(root: Path, mlflow_server: MlflowServer) -> None:
     from pipeline import cli
 
-    root = tmp_path_factory.mktemp("demo")
     generate_demo(root / "raw", **DEMO_CLIPS)
     params = demo_params(root / "params.yaml", root, experiment="demo-shards", scaling={"preprocess_workers": 0})
     with pytest.MonkeyPatch.context() as patch:
@@ -97,7 +126,6 @@ def demo_shards(tmp_path_factory, mlflow_server) -> Path:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
         for stage in ("manifest", "preprocess"):
             assert cli.main(["--params", str(params), stage, "--dataset", "demo"]) == 0, stage
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -183,6 +211,6 @@ def kill_worker_after_checkpoint() -> Callable[..., WorkerKiller]:
     ``killer.killed`` is its pid (None if none was running by then)."""
 
     def make(processes: Callable[[], list[psutil.Process]], storage: Path, runs: int = 1) -> WorkerKiller:
-        return WorkerKiller(processes, lambda: len(list(Path(storage).glob(f"*/{REGISTERED}"))) >= runs)
+        return WorkerKiller(processes, lambda: len(list(Path(storage).glob(f"**/{REGISTERED}"))) >= runs)
 
     return make
