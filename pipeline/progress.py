@@ -1,6 +1,7 @@
 """Progress within long work: ``EpochProgress`` within a training epoch, on rank 0 (a console line every
-``show_every_s`` seconds and step metrics to MLflow every ``log_every`` steps), and ``counter`` for a count of
-items (clips preprocessed, files hashed).
+``show_every_s`` seconds and step metrics to MLflow every ``log_every`` steps, queued by the tracker and delivered
+in the background: the step never waits on the server), and ``counter`` for a count of items (clips preprocessed,
+files hashed).
 
 The losses stay on the device between those points (summed there, as the epoch's are): reading them is the only host
 sync, once per line or logged step, so a run's first hours on a GPU have a curve and a sign of life without the
@@ -51,6 +52,11 @@ class EpochProgress:
     window_began: float = field(default_factory=time.perf_counter)
     last_shown: float = field(default_factory=time.perf_counter)
     seconds_per_step: float | None = None
+
+    def __post_init__(self) -> None:
+        report_to = getattr(self.tracker, "report_to", None)  # a RunLogger: its lines (tracking behind) go here too
+        if report_to is not None and self.console is not None:
+            report_to(self.console)
 
     def step(self, index: int, losses: torch.Tensor, lr: float) -> None:
         self.window = losses.clone() if self.window is None else self.window + losses

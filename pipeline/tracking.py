@@ -15,6 +15,15 @@ variant and those changed params are params of the run as well, and a fold run h
 ``fold``: the UI's compare view plots and diffs params. What a run read (a dataset's shards, a checkpoint) are its
 MLflow dataset inputs, the runs table's Dataset column. The experiment is tagged as model training and holds a
 view of its runs table for comparing variants: ``runs_view_url`` links to it (and to the UI's model training side).
+
+Training never waits on the tracking server. A ``RunLogger`` (what rank 0 of a Ray Train run logs with) only queues
+its metrics, with the time they were logged; a daemon thread of the process delivers them in order, in batches, and
+retries with a short timeout and back-off for as long as the run goes on (``metric_queue.MetricQueue``). An outage
+is one console line when it begins and one when the queue caught up. At a run's end (``flush``, ``finish``) the
+queue gets a bounded time (``HICMAE_TRACKING_FLUSH_S``, 60 s); what the server still has not taken then is written beside the stage's log
+(``logs/<stage>.mlflow-<run id>.jsonl``) and delivered by the stage's end, or by the next stage that reaches the
+server (``deliver_spill``); a run whose span could not be delivered says so in its tag ``tracking.missing_span``. A
+stage whose server does not answer at its start fails at once with one line (``require_reachable``).
 """
 
 from __future__ import annotations
@@ -25,28 +34,42 @@ import dataclasses
 import json
 import os
 import re
+import ssl
 import subprocess
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 import mlflow
 import numpy as np
 import yaml
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
+from preprocessing.errors import InputError
 from preprocessing.fileio import sha256_file
 
 from .console import console_log, current
 from .layout import PROJECT_ROOT
+from .metric_queue import (
+    FLUSH_DEFAULT_S,
+    MetricQueue,
+    Point,
+    deliver_leftovers,
+    deliver_spill,
+    failure_reason,
+    flush_timeout_s,
+    is_local_store,
+    spill_path,
+)
 from .metrics import is_scalar
 
 DATABASE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
-LOCAL_SCHEMES = ("sqlite", "file", "")
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"  # model training
 CONTEXT_TAG = "mlflow.data.context"  # how a run used a dataset input ("training", "init")
 DIGEST_CHARS = 12  # of a dataset input's hash: tells datasets apart and fits the runs table's Dataset column
@@ -57,6 +80,7 @@ RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"  # where the UI keeps a vi
 # "Evaluation runs") unless the link or the browser's last choice says otherwise, whatever the experiment's kind.
 TRAINING_UI = "workflowType=machine_learning"
 ENV_LOCK_FILE = "requirements.lock"  # every dependency's version (scripts/setup.sh, docker/Dockerfile)
+HEALTH_TIMEOUT_S = 3.0  # a stage's check that its tracking server answers
 
 
 def tracking_uri(project_root: str | Path = PROJECT_ROOT) -> str:
@@ -69,12 +93,6 @@ def tracking_uri(project_root: str | Path = PROJECT_ROOT) -> str:
     if uri:
         return uri
     return f"sqlite:///{Path(project_root).resolve() / DATABASE_FILE}"
-
-
-def is_local_store(uri: str) -> bool:
-    """True for a store on this machine (SQLite file or a local directory), false for a server."""
-    scheme = uri.split("://", 1)[0] if "://" in uri else ""
-    return scheme in LOCAL_SCHEMES
 
 
 def artifact_location(project_root: str | Path, experiment: str) -> str:
@@ -259,11 +277,18 @@ def start_stage_run(stage: str, config, experiment: str, run_name: str | None = 
     artifact ``config.yaml``, and tags ``dvc_stage``, ``git_commit`` (also ``mlflow.source.git.commit``),
     ``env.lock_sha256`` (``env_lock_hash`` of the running code's project: the environment it was installed with),
     ``data_hash`` when given (``data.shards_hash``), the ``experiment_tags`` and ``tags``; of those, the
-    ``DEFINING_TAGS`` are params too. ``inputs`` (``dataset_input``): what it reads. On exit it logs the stage's log
-    file (``console.stage_console``) as an artifact.
+    ``DEFINING_TAGS`` are params too. ``inputs`` (``dataset_input``): what it reads. On exit it delivers what its
+    workers could not (``deliver_spill``) and logs the stage's log file (``console.stage_console``) as an artifact.
+
+    A tracking server that does not answer is an ``InputError`` before anything else (``require_reachable``); a
+    stage's own run first delivers the metrics that earlier runs left in the log folder (``deliver_leftovers``).
     """
-    mlflow.set_tracking_uri(tracking_uri(store_root(project_root)))
+    uri = tracking_uri(store_root(project_root))
+    require_reachable(uri)
+    mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(experiment, store_root(project_root))
+    if parent_run_id is None and mlflow.active_run() is None:
+        deliver_leftovers(uri)
     commit = git_commit(project_root)
     run_tags = {"dvc_stage": stage, "git_commit": commit, "mlflow.source.git.commit": commit,
                 "env.lock_sha256": env_lock_hash(), **experiment_tags(project_root)}
@@ -279,10 +304,10 @@ def start_stage_run(stage: str, config, experiment: str, run_name: str | None = 
         try:
             yield run
         finally:
+            deliver_spill(spill_path(run.info.run_id))  # what its workers could not deliver before they ended
             log_file = console_log()
             if log_file is not None and log_file.is_file():  # the stage's log so far, failed or not
                 mlflow.log_artifact(str(log_file))
-    uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")) and not parent_run_id:  # MLflow's own line is off (console.py)
         current().show(f"{stage}: MLflow run {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}"
                        f"?{TRAINING_UI}")
@@ -319,34 +344,97 @@ def log_table(rows: list[Mapping], artifact_file: str) -> None:
         writer.writerows(rows)
 
 
+def require_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    """An ``InputError`` (one line, at once) when the tracking server at ``uri`` does not answer a GET of its
+    ``/health``: a stage fails before any work rather than after MLflow's minutes of retries. Any HTTP answer (even
+    an error: a proxy that wants credentials) or TLS handshake means it is there; local stores pass."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as err:
+        if isinstance(getattr(err, "reason", err), ssl.SSLError):  # it answered: certificates are MLflow's business
+            return
+        raise InputError(f"MLflow tracking server {uri} cannot be reached ({failure_reason(err)}): start it, or unset "
+                         f"MLFLOW_TRACKING_URI to track into {DATABASE_FILE}") from err
+
+
 @dataclasses.dataclass
 class RunLogger:
-    """Logs into one existing run by id, from any process (a Ray Train worker); picklable."""
+    """Logs metrics into one existing run by id, from any process (rank 0 of a Ray Train run); picklable. ``log``
+    only queues them (a ``MetricQueue`` of the process that logs, made at its first point); ``flush`` (a worker, when
+    its training is done) or ``finish`` (the driver) delivers what is left, waiting at most ``flush_timeout_s``.
+    ``console``: where the queue's lines go (``report_to``); None: this process's stage console."""
 
     tracking_uri: str
     run_id: str
+    spill_file: str | None = None  # where undelivered metrics go; None: ``spill_path`` where they are written
+    flush_timeout_s: float = FLUSH_DEFAULT_S
+    console: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._queue: MetricQueue | None = None
+
+    def __getstate__(self) -> dict:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}  # not the queue
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._queue = None
+
+    def report_to(self, console) -> None:
+        """Say what the queue has to say (tracking behind, caught up) through ``console`` (a worker's)."""
+        self.console = console
+        if self._queue is not None:
+            self._queue.console = console
 
     def log(self, metrics: Mapping, step: int) -> None:
-        """The finite numbers of ``metrics`` (nested ones under ``/``-joined keys) at ``step``."""
+        """Queue the finite numbers of ``metrics`` (nested ones under ``/``-joined keys) at ``step``, stamped now."""
         flat = {k: float(v) for k, v in flatten(metrics, sep="/").items() if is_scalar(v)}
-        now = get_current_time_millis()  # the charts' wall-time and relative-time axes
-        entries = [Metric(key, value, now, step) for key, value in flat.items()]
-        mlflow.MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=entries)
+        now = get_current_time_millis()  # the charts' wall-time and relative-time axes: when logged, not delivered
+        if flat:
+            self._metric_queue().put([Point(key, value, now, step) for key, value in flat.items()])
 
     def log_epoch(self, metrics: Mapping, epoch: int) -> None:
         """An epoch's ``metrics`` (``epoch`` itself left out) at step ``epoch``."""
         self.log({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
 
+    def pending(self) -> int:
+        """Metrics logged in this process and not delivered yet."""
+        return self._queue.pending() if self._queue is not None else 0
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` (default ``flush_timeout_s``) seconds for the queued metrics to reach MLflow; True
+        if they did. Else they are written beside the stage's log (``MetricQueue.flush``)."""
+        if self._queue is None:
+            return True
+        return self._queue.flush(self.flush_timeout_s if timeout is None else timeout)
+
     def finish(self, metrics: Mapping | None = None, status: str = "FINISHED") -> None:
-        """Log final ``metrics`` (step 0) and end the run with ``status``."""
+        """Log final ``metrics`` (step 0), deliver what is queued here and what the run's workers left
+        (``deliver_spill``), and end the run with ``status``."""
         if metrics:
             self.log_epoch(metrics, 0)
+        self.flush()
+        deliver_spill(self._spill_file())
         mlflow.MlflowClient(self.tracking_uri).set_terminated(self.run_id, status)
+
+    def _spill_file(self) -> Path:
+        return Path(self.spill_file) if self.spill_file else spill_path(self.run_id)
+
+    def _metric_queue(self) -> MetricQueue:
+        if self._queue is None:
+            self._queue = MetricQueue(self.tracking_uri, self.run_id, self._spill_file(), self.console)
+        return self._queue
 
 
 def run_logger(run) -> RunLogger:
-    """A ``RunLogger`` for ``run`` (an mlflow Run) on the current tracking server."""
-    return RunLogger(mlflow.get_tracking_uri(), run.info.run_id)
+    """A ``RunLogger`` for ``run`` (an mlflow Run) on the current tracking server, spilling beside this stage's log."""
+    run_id = run.info.run_id
+    return RunLogger(mlflow.get_tracking_uri(), run_id, str(spill_path(run_id)), flush_timeout_s())
 
 
 def start_child_run(parent, run_name: str, tags: Mapping[str, str],

@@ -8,11 +8,13 @@ Tests get one server for the whole run through the session-scoped ``mlflow_serve
         runs = mlflow_server.post("runs/search", {"experiment_ids": ["1"]})["runs"]
 
 Outside pytest: ``with running_mlflow_server(folder) as server: ...``. The server keeps its SQLite store,
-artifacts and log under that folder and is stopped (its whole process group) on exit.
+artifacts and log under that folder and is stopped (its whole process group) on exit. A test of an outage stops it
+and starts it again, on the same port with the same store: ``server.stop(signal.SIGKILL)``, ``server.start()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,19 +27,54 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class MlflowServer:
-    """A running server: its base ``url`` and the ``folder`` holding mlflow.db, artifacts/ and server.log."""
+    """A server: its base ``url`` and the ``folder`` holding mlflow.db, artifacts/ and server.log; ``process``: the
+    ``mlflow server`` process (the leader of its own process group) while it runs."""
 
     url: str
     folder: Path
+    process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Start ``python -m mlflow server`` on the server's port with its store and artifacts; returns once it
+        answers ``/health``. Its output is appended to server.log (a restart keeps the earlier output)."""
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+            "--artifacts-destination", str(self.folder / "artifacts"),
+            "--host", HOST, "--port", str(self.port), "--workers", "1",
+        ]
+        # No telemetry, no background job runner (an extra process that tests do not use).
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with open(self.folder / "server.log", "ab") as log:
+            self.process = subprocess.Popen(command, cwd=self.folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        try:
+            _wait_until_healthy(self, self.process, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the server's whole process group: SIGTERM (SIGKILL if it lingers), or ``sig`` (SIGKILL: a crash, as
+        a node that dies). Its port is free again when this returns."""
+        if self.process is not None:
+            _stop(self.process, sig)
+            self.process = None
+            _wait_until_port_free(self.port)
 
     def api(self, endpoint: str) -> str:
         """The URL of a tracking REST endpoint, e.g. ``api("runs/search")``."""
@@ -88,16 +125,31 @@ def _wait_until_healthy(server: MlflowServer, process: subprocess.Popen, timeout
         time.sleep(0.2)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn and its workers), SIGKILL it if it lingers."""
+def _stop(process: subprocess.Popen, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``sig`` to the server's process group (uvicorn and its workers), SIGKILL it if it lingers."""
     if process.poll() is not None:
         return
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, sig)
     try:
         process.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=15)
+
+
+def _wait_until_port_free(port: int, timeout: float = 15) -> None:
+    """Until a listening socket could bind ``port`` again: the killed server's processes have all let it go."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                sock.bind((HOST, port))
+                return
+            except OSError:
+                time.sleep(0.1)
+    raise TimeoutError(f"port {port} still in use {timeout:.0f} s after the server was stopped")
 
 
 @contextmanager
@@ -106,20 +158,8 @@ def running_mlflow_server(folder: str | Path, timeout: float = STARTUP_TIMEOUT_S
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     server = MlflowServer(url=f"http://{HOST}:{free_port()}", folder=folder)
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination", str(folder / "artifacts"),
-        "--host", HOST, "--port", server.url.rsplit(":", 1)[1], "--workers", "1",
-    ]
-    # No telemetry, no background job runner (an extra process that tests do not use).
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(folder / "server.log", "wb") as log:
-        process = subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    server.start(timeout)
     try:
-        _wait_until_healthy(server, process, timeout)
         yield server
     finally:
-        _stop(process)
+        server.stop()
