@@ -25,7 +25,7 @@ from pathlib import Path
 import webdataset as wds
 
 from preprocessing.errors import InputError
-from preprocessing.fileio import atomic_path, sha256_file, write_json
+from preprocessing.fileio import atomic_path, json_text, sha256_file
 from preprocessing.shards import META_FIELD
 
 SHARDS_DIR, STATUS_FILE, SUMMARY_FILE = "shards", "status.jsonl", "summary.json"
@@ -70,18 +70,22 @@ def list_shards(processed_dir: str | os.PathLike) -> list[str]:
 def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> ShardIndex:
     """Write encoded samples (``shards.encode_sample``) to ``path`` and its index, both atomically.
 
-    The shard has no time stamps, so the same samples give the same bytes.
+    Both are written in full to temporary files before either replaces its file (the shard first, then the index):
+    a write that fails (``fileio.DiskFull`` on a full disk) leaves the previous shard and index as they were. The
+    shard has no time stamps, so the same samples give the same bytes.
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(index_file(path)) as index_tmp, atomic_path(path) as tmp:
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, mtime=0)
-            for sample in samples:
-                writer.write(sample)
-            writer.close()
+            try:
+                for sample in samples:
+                    writer.write(sample)
+            finally:
+                writer.close()  # after an error too: a tar stream left open would write to the closed file later
         index = ShardIndex(str(path), tmp.stat().st_size, sha256_file(tmp), member_offsets(tmp))
-    write_json(index_file(path), {"shard": path.name, "size": index.size, "sha256": index.sha256,
-                                  "samples": index.samples})
+        index_tmp.write_text(json_text({"shard": path.name, "size": index.size, "sha256": index.sha256,
+                                        "samples": index.samples}), encoding="utf-8")
     return index
 
 

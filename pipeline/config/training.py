@@ -65,6 +65,8 @@ class OptimSettings(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = Field(1.0, gt=0, le=1, description="layer-wise lr decay; 1 = off")
     clip_grad: float | None = Field(None, gt=0)
+    max_skipped_steps: int = Field(20, ge=1, description="a step whose loss or gradient norm is not finite is skipped "
+                                   "(not applied, counted as train/skipped_steps); this many in a row stop the run")
 
 
 class PretrainSettings(Strict):

@@ -169,6 +169,7 @@ class PredictionTable:
         self.failures: dict[tuple, str] = {}  # key -> failure reason (unreadable, no_face, ...) of each failed row
         self.memory: list[dict] = []  # the rows, when there is no file to hold them
         self.pending: list[tuple[dict, dict | None]] = []
+        self.appended: set[Path] = set()  # the files that have the pending rows already (a commit that failed midway)
         self.last_commit, self.commit_seconds = time.monotonic(), 0.0
 
     @classmethod
@@ -224,19 +225,25 @@ class PredictionTable:
             self.commit()
 
     def commit(self) -> None:
-        """Append the pending rows to every file, each replaced atomically: embeddings, JSONL, CSV."""
+        """Append the pending rows to every file, each replaced atomically: embeddings, JSONL, CSV.
+
+        A file that cannot take them (``fileio.DiskFull`` on a full disk) keeps its earlier rows, and so do the files
+        after it; the rows stay pending, and a later commit (``close``) appends them to the files that lack them."""
         started = time.monotonic()
         rows = [row for row, _ in self.pending]
         if self.jsonl is None:
             self.memory.extend(rows)
         elif rows:
             ok = [(row, embedding) for row, embedding in self.pending if embedding is not None]
-            if self.embeddings is not None and ok:
+            if self.embeddings is not None and ok and self.embeddings not in self.appended:
                 items = [VideoInput(**{k: row[k] for k in ("id", "path", "start", "end")}) for row, _ in ok]
                 append_parquet(self.embeddings, embeddings_table(items, [embedding for _, embedding in ok]))
-            append_text(self.jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+                self.appended.add(self.embeddings)
+            if self.jsonl not in self.appended:
+                append_text(self.jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+                self.appended.add(self.jsonl)
             append_text(self.csv, csv_text(rows, self.names, header=not self.csv.exists()))
-        self.pending = []
+        self.pending, self.appended = [], set()
         self.last_commit = time.monotonic()
         self.commit_seconds = self.last_commit - started
 
