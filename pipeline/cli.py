@@ -25,11 +25,12 @@ import importlib
 import os
 import sys
 
-from preprocessing.errors import InputError
+from preprocessing.errors import InputError, Interrupted
 
 from .config.params import PROJECT_ROOT, load_params
 from .console import VERBOSE, quiet_libraries, stage_console
 from .layout import Layout
+from .supervisor import supervise
 
 # Each command's module and function, imported when the command runs and not before: the code a DVC stage runs
 # (what it must depend on) is this module's imports plus its command's module's (tests/test_wiring.py checks
@@ -117,8 +118,30 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"hicmae: error: {err}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        print(f"hicmae: {err}", file=sys.stderr)
+        return Interrupted.EXIT_STATUS
     return 0
 
 
+TRAINING = ("pretrain", "finetune")  # stages that stop at a step boundary on SIGTERM, and continue when run again
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The ``hicmae`` command: ``main``, with a training stage run in a process of its own session so that a
+    SIGTERM or Ctrl-C to the command's process group reaches the stage as a stop request and not its Ray
+    processes; if it has not stopped ``scaling.stop_grace_s`` seconds later it is killed
+    (``supervisor``, ``pipeline.train.preemption``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args, _ = _parser().parse_known_args(argv)
+    if args.command not in TRAINING or not hasattr(os, "fork"):
+        return main(argv)
+    try:
+        grace = load_params(args.params, args.overrides).scaling.stop_grace_s
+    except InputError:
+        return main(argv)  # which says what is wrong
+    return supervise(lambda: main(argv), grace)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from preprocessing.errors import Interrupted
+
 from .layout import shown
 
 VERBOSE = "HICMAE_VERBOSE"
@@ -113,9 +115,14 @@ class StageConsole(Console):
     def remote(self) -> Console:
         """A Console for other processes (Ray must be running): their lines reach this process's console."""
         if self._relay is None:
+            import ray
             from ray.util.queue import Queue
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            self._relay = Console(Queue(actor_options={"num_cpus": 0}), self.show_every_s)
+            # on this process's node: the queue (an actor) must not go with a worker node the cluster loses
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self._relay = Console(Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here}),
+                                  self.show_every_s)
             self._thread = threading.Thread(target=self._forward, name="console", daemon=True)
             self._thread.start()
         return self._relay
@@ -185,6 +192,9 @@ def stage_console(log_file: Path, label: str, show_every_s: float = 10.0) -> Ite
     try:
         yield console
         outcome = "done"
+    except Interrupted:
+        outcome = "stopped"
+        raise
     finally:
         console.close()
         console.show(f"{label}: {outcome} in {console.elapsed()}  (log: {shown(log_file)})")

@@ -50,8 +50,9 @@ def pytest_runtest_logreport(report) -> None:
 # (``demo_run``) are one. The groups are handed out in this order, the longest first (from CI's "time per module"),
 # so that neither process is left with a long group at the end; the rest follow in collection order.
 DEMO_RUN_GROUP = "demo-run"
-LONGEST_FIRST = ("tests/test_dvc.py", DEMO_RUN_GROUP, "tests/test_ray_cluster.py", "tests/test_folds.py",
-                 "tests/test_custom_pipeline.py", "tests/test_compile.py", "tests/test_predict_many.py")
+LONGEST_FIRST = (DEMO_RUN_GROUP, "tests/test_dvc.py", "tests/test_ray_cluster.py", "tests/test_ray_nodes.py",
+                 "tests/test_folds.py", "tests/test_custom_pipeline.py", "tests/test_compile.py",
+                 "tests/test_predict_many.py", "tests/test_tracking_outage.py", "tests/test_divergence.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -31,7 +31,8 @@ DATASET = "mine"
 STAGES = ["demo_data", f"manifest@{DATASET}", f"preprocess@{DATASET}", "pretrain", f"finetune@{DATASET}", "report"]
 # A new value for each ScalingSettings field that changes how a stage runs, not what it computes.
 RUN_ONLY = {"cpus_per_worker": 0.5, "loader_workers": 0, "max_failures": 5, "checkpoint_every": 3,
-            "concurrent_folds": 1, "preprocess_workers": 1, "preprocess_cpus": 1.0}
+            "concurrent_folds": 1, "preprocess_workers": 1, "preprocess_cpus": 1.0, "placement_strategy": "SPREAD",
+            "stop_grace_s": 5.0}
 
 
 # --- the ablation definitions (fast) -----------------------------------------------------------------------

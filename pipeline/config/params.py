@@ -76,6 +76,13 @@ class ScalingSettings(Strict):
                                    "CPUs leave room for Ray Data on small machines")
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes of each training worker")
     max_failures: int = Field(2, ge=0, description="restarts from the last checkpoint after a worker dies")
+    stop_grace_s: float = Field(20.0, gt=0, description="seconds a training stage has, after SIGTERM or Ctrl-C, to "
+                                "save a checkpoint at its next step and end before it is killed (spot instances "
+                                "give 30 s)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where Ray puts a training run's workers (a placement group's strategy): PACK on as "
+        "few nodes as fit, SPREAD over as many as it can, STRICT_SPREAD one node each (a run waits for that many "
+        "nodes), STRICT_PACK all on one node")
     checkpoint_every: int = Field(1, ge=1, description="pre-training epochs between checkpoints (fine-tuning "
                                   "checkpoints every epoch); resuming is exact either way")
     concurrent_folds: int | None = Field(None, ge=1, description="fine-tuning folds trained at once; None: as many "

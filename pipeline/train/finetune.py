@@ -13,13 +13,14 @@ MLflow: a parent run ``finetune-<dataset>`` with the fold summary, a nested run 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 
-from preprocessing.fileio import atomic_write_bytes, write_json
+from preprocessing.fileio import atomic_write_bytes, sha256_file, write_json
 from preprocessing.manifest import ClipRecord, DatasetInfo, read_manifest, split_for_fold
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shard_index import ShardIndex
@@ -41,6 +42,8 @@ from . import raytrain
 from .export import export_checkpoint
 from .finetune_fold import finetune_worker
 from .loop import run_options
+from .preemption import Preempted, on_signals
+from .resume import RunInputs, forget, run_inputs
 
 
 def fold_splits(clips: list[ClipRecord], fold: int, settings: FinetuneSettings) -> dict[str, list[str]]:
@@ -84,11 +87,14 @@ class FoldJob:
     data_hash: str
     window: WindowSettings
     preprocess: PreprocessSettings
+    inputs: dict[int, RunInputs]  # fold -> what decides its result (``resume``)
 
-    def __call__(self, fold: int) -> None:
-        """Fine-tune ``fold``; copy its result files from the last checkpoint and export its best model."""
+    def __call__(self, fold: int) -> str:
+        """Fine-tune ``fold``; copy its result files from the last checkpoint and export its best model. Returns the
+        run's folder, for the stage to ``resume.forget`` once every fold is done."""
         result = raytrain.run_trainer(finetune_worker, self.configs[fold], self.scaling,
-                                      name=f"finetune-{self.info.name}-fold{fold}", storage=self.storage)
+                                      name=f"finetune-{self.info.name}-fold{fold}", storage=self.storage,
+                                      inputs=self.inputs[fold])
         fold_run = self.out.fold(fold)
         with result.checkpoint.as_directory() as folder:
             for name in FOLD_RESULT_FILES:
@@ -99,31 +105,55 @@ class FoldJob:
         test = json.loads(fold_run.test_metrics.read_text())
         (self.configs[fold]["console"] or Console()).show(
             f"{self.info.name} fold {fold}: done, best epoch {test['best_epoch'] + 1} -> {shown(fold_run.model)}")
+        return str(result.path)
 
 
 def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, dataset: str, shards: list[ShardIndex],
-              init: str | None, tracker_for_fold=None) -> tuple[dict[int, dict], dict[int, str]]:
+              init: str | None, tracker_for_fold=None) -> tuple[dict[int, dict], dict[int, str], list[str]]:
     """Fine-tune every configured fold on ``shards`` (``data.verified_shards``), as many at once as the cluster's
     resources hold for ``params.scaling`` (at most ``scaling.concurrent_folds``); each writes its files and its
     best model exported to ``fold-k/model/``. Returns the test metrics of the folds that finished and the error of
-    each that failed (after Ray Train's retries), by fold."""
+    each that failed (after Ray Train's retries), by fold, and the finished folds' run folders. Stopped on request
+    (SIGTERM, Ctrl-C), it raises ``Preempted`` once every running fold saved a checkpoint."""
     info, clips = read_manifest(layout.data(dataset).manifest)
     catalog = clip_catalog(shards)
     folds = settings.folds or list(range(1, info.num_folds + 1))
-    console = raytrain.worker_console()
-    configs = {fold: fold_config(settings, info, fold, fold_splits(clips, fold, settings), catalog, init,
-                                 run_options(params.scaling, params.progress,
-                                             tracker_for_fold(fold) if tracker_for_fold else None, console))
-               for fold in folds}
+    console = raytrain.worker_console()  # Ray started: its signal handlers are in place, on_signals replaces them
+    data_hash = shards_hash(shards)
+    data = {"shards": data_hash, **({"init": sha256_file(init)} if init else {})}
+    splits = {fold: fold_splits(clips, fold, settings) for fold in folds}
+    inputs = {fold: run_inputs({**data, "split": hashlib.sha256(json.dumps(splits[fold]).encode()).hexdigest()},
+                               settings, params.scaling, fold=fold) for fold in folds}
     out = layout.finetune(dataset)
-    job = FoldJob(configs, info, params.scaling, out, layout.ray_results, shards_hash(shards), settings.window,
-                  params.preprocess)
     limit = raytrain.runs_that_fit(params.scaling, params.scaling.concurrent_folds)
     source = f"from {shown(init)}" if init else "from scratch"
     current().show(f"finetune {dataset}: folds {', '.join(map(str, folds))} of {info.num_folds}, "
                    f"{min(limit, len(folds))} at a time, {source}; {settings.protocol} protocol")
-    failed = raytrain.run_concurrently(job, folds, limit=limit)
-    return {fold: json.loads(out.fold(fold).test_metrics.read_text()) for fold in folds if fold not in failed}, failed
+    with on_signals(layout.ray_results) as stop:
+        configs = {fold: fold_config(settings, info, fold, splits[fold], catalog, init,
+                                     run_options(params.scaling, params.progress,
+                                                 tracker_for_fold(fold) if tracker_for_fold else None, console,
+                                                 str(stop.path)))
+                   for fold in folds}
+        job = FoldJob(configs, info, params.scaling, out, layout.ray_results, data_hash, settings.window,
+                      params.preprocess, inputs)
+        returned, failed = raytrain.run_concurrently(job, folds, limit=limit, stop=stop)
+        if stop.requested:
+            raise Preempted(stopped_folds(dataset, stop.signal, folds, returned, failed))
+    per_fold = {fold: json.loads(out.fold(fold).test_metrics.read_text()) for fold in folds if fold not in failed}
+    return per_fold, failed, list(returned.values())
+
+
+def stopped_folds(dataset: str, reason: str, folds: list[int], returned: dict, failed: dict[int, str]) -> str:
+    """The line of a fine-tuning stage stopped on request: what became of each fold, and how to continue."""
+    kinds = {"done": [f for f in folds if f in returned],
+             "stopped with a checkpoint": [f for f in folds if Preempted.__name__ in failed.get(f, "")],
+             "failed": [f for f in folds if f in failed and Preempted.__name__ not in failed[f]],
+             "not started": [f for f in folds if f not in returned and f not in failed]}
+    said = "; ".join(f"fold{'s' if len(found) > 1 else ''} {', '.join(map(str, found))} {kind}"
+                     for kind, found in kinds.items() if found)
+    return (f"finetune {dataset}: stopped on request ({reason}): {said}; run the same command (or `dvc repro`) to "
+            "continue from there")
 
 
 def stage_finetune(params: DataParams, dataset: str) -> dict:
@@ -131,6 +161,7 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
     nested run per fold. A fold that fails does not stop the others; the stage then fails naming it."""
     params = training_params(params)
     params.dataset(dataset)
+    tracking.require_reachable(tracking.tracking_uri())  # before the shards' hashes: a missing server is said at once
     settings = finetune_settings_for(params, load_dataset_config(dataset))
     layout = Layout.current()
     data, out = layout.data(dataset), layout.finetune(dataset)
@@ -157,10 +188,11 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
             return fold_runs[fold]
 
         try:
-            per_fold, failed = run_folds(params, settings, layout, dataset, shards, init, tracker_for_fold=fold_logger)
-        except BaseException:
+            per_fold, failed, run_folders = run_folds(params, settings, layout, dataset, shards, init,
+                                                      tracker_for_fold=fold_logger)
+        except BaseException as err:
             for run in fold_runs.values():
-                run.finish(status="FAILED")
+                run.finish(status="KILLED" if isinstance(err, Preempted) else "FAILED")
             raise
         for fold, run in fold_runs.items():
             if fold in per_fold:
@@ -177,6 +209,8 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
         write_json(out.info, describe_dataset(info, settings.protocol))
         tracking.log_metrics({"test": summary["best"], "test_last": summary["last"]})
         log_fold_artifacts(out, summary, info)
+    for folder in run_folders:  # the outputs are written: nothing left to continue
+        forget(folder)
     for line in summary_table(per_fold, info, summary):
         current().show(line)
     current().show(f"finetune {dataset}: -> {shown(out.metrics)}, {shown(out.folder)}/fold-*/")

@@ -33,6 +33,7 @@ from ..progress import EpochProgress, log_interval
 from . import raytrain
 from .compiled import compile_counters, compiled, optimizer_update, resolve
 from .optim import LrSchedule, build_optimizer, set_lr, tensor_lrs
+from .preemption import StopCheck
 
 
 def seed_everything(seed: int) -> None:
@@ -73,14 +74,15 @@ class TrainData(NamedTuple):
 
 
 def run_options(scaling: ScalingSettings | None = None, progress: ProgressSettings | None = None, tracker=None,
-                console: Console | None = None) -> dict:
+                console: Console | None = None, stop_file: str | None = None) -> dict:
     """How a training run runs, as its workers' config holds it (beside what it computes): loader processes,
     compile mode and checkpoints (``scaling``), where its metrics (``tracker``: a ``tracking.RunLogger``) and its
-    console lines go (``console.remote_console()``), and how often (``progress``)."""
+    console lines go (``console.remote_console()``), and how often (``progress``), and the file whose existence
+    asks it to stop (``preemption.StopFile``)."""
     scaling, progress = scaling or ScalingSettings(), progress or ProgressSettings()
     return {"loader_workers": scaling.loader_workers, "compile": scaling.compile,
             "checkpoint_every": scaling.checkpoint_every, "log_every_steps": progress.log_every_steps,
-            "tracker": tracker, "console": console}
+            "tracker": tracker, "console": console, raytrain.STOP_FILE: stop_file}
 
 
 class TrainingTask:
@@ -145,7 +147,7 @@ class TrainingTask:
 PROGRESS_METRICS = ("train/loss", "val/uar", "val/war", "val/ccc_mean", "samples_per_s")
 # Figures of how a run went rather than of what it learnt: MLflow and the progress lines get them, the outputs DVC
 # tracks (history.csv, metrics.json) do not, so that the same inputs give the same outputs.
-RUN_FIGURES = ("samples_per_s", "compile/")
+RUN_FIGURES = ("samples_per_s", "compile/", "train/skipped_steps")
 
 
 def results_only(metrics: dict) -> dict:
@@ -182,42 +184,123 @@ def step_module(task: TrainingTask, model: nn.Module, mode: str) -> nn.Module:
 class TrainStep:
     """One optimisation step of a task on a batch on the device: its ``step_inputs``, the forward with every loss
     (``net``: ``step_module``, maybe DDP-wrapped; compiled, its backward too), zero_grad, backward, the optimizer
-    step (``compiled.optimizer_update``). Returns the detached (len(loss_names),) losses."""
+    step (``compiled.optimizer_update``), skipped when the loss (on any rank) or the gradient norm is not finite;
+    each step's decision goes to the optimizer's ``divergence.SkippedSteps`` (``skipped``). Returns the detached
+    (len(loss_names),) losses."""
 
     def __init__(self, task: TrainingTask, net: nn.Module, optimizer: torch.optim.Optimizer, mode: str):
+        from .divergence import SkippedSteps, agreed
+
         self.task, self.net, self.optimizer = task, net, optimizer
-        self.update = optimizer_update(optimizer, mode, net.parameters(), task.settings.optim.clip_grad)
+        optim = task.settings.optim
+        self.update = optimizer_update(optimizer, mode, net.parameters(), optim.clip_grad)
+        self.skipped = SkippedSteps.attach(optimizer, optim.max_skipped_steps)
+        self.agreed = agreed  # the loss's finiteness, the same on every rank
 
     def __call__(self, batch: dict, rng: np.random.Generator) -> torch.Tensor:
         batch = {**batch, **self.task.step_inputs(batch, rng, batch["video"].device)}
         loss, losses = self.net(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.update()
+        self.skipped.add(self.update(self.agreed(torch.isfinite(loss.detach()))))
         return losses.detach()
+
+
+class EpochStart(NamedTuple):
+    """Where an epoch resumes within itself (a checkpoint saved on a stop request): its steps done, rank 0's
+    summed losses over them, and what puts back this rank's random states as they were after them."""
+
+    steps: int
+    sums: list[float]
+    restore_random: Callable[[], None]
+
+
+class Stopped(NamedTuple):
+    """An epoch stopped on request after ``steps`` steps (``sums``: its summed losses so far)."""
+
+    steps: int
+    sums: torch.Tensor
 
 
 def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader, *, step: Callable, epoch: int,
                     schedule: LrSchedule, loss_names: tuple[str, ...], device: torch.device, global_batch: int,
-                    progress: EpochProgress | None = None) -> dict:
+                    progress: EpochProgress | None = None, start: EpochStart | None = None,
+                    stop: Callable[[], bool] | None = None) -> dict | Stopped:
     """``schedule.steps_per_epoch`` optimizer steps (``step(batch)``), each reported to ``progress`` (rank 0's);
-    returns the epoch's mean losses, last lr and throughput."""
+    returns the epoch's mean losses, last lr and throughput, or ``Stopped`` once ``stop()`` (asked after every
+    step, on every rank) says so.
+
+    From ``start`` (a checkpoint within the epoch) the loader's first ``start.steps`` batches are read and passed
+    over, then the random states are put back: every draw of a batch is the clip's own (``windows.sample_rng``), so
+    the steps that follow see what they would have seen in a run never stopped.
+
+    A step that ``TrainStep`` skipped (a non-finite loss or gradient norm: ``divergence``) is counted, not averaged:
+    ``train/skipped_steps``; a run that keeps skipping stops with ``TrainingDiverged`` (checked a few times an
+    epoch, the same steps on every rank)."""
+    from .divergence import SkippedSteps
+
     net.train()
-    sums = torch.zeros(len(loss_names), device=device)  # summed on the device: no host sync per step
+    first = start.steps if start else 0
+    # summed on the device, no host sync per step: the losses of the steps applied, then the count of those skipped
+    sums = torch.tensor(start.sums if start else [0.0] * (len(loss_names) + 1), device=device)
+    skipped = SkippedSteps.of(optimizer)  # TrainStep's record of the steps it did not apply (None: another step)
+    if skipped is not None:
+        skipped.start_epoch(first)
+    check_every = log_interval(schedule.steps_per_epoch, None)
     began = time.perf_counter()
     for index, batch in enumerate(batches(loader, schedule.steps_per_epoch)):
+        if index < first:
+            continue
+        if start and index == first:
+            start.restore_random()
         lr = schedule.at(epoch, index)
         set_lr(optimizer, lr)
         batch = device_batch(batch, device)  # the video cast, normalised, cropped and augmented there
         losses = step(batch)
-        sums += losses
+        if skipped is None:
+            sums[:-1] += losses
+        else:
+            sums += torch.cat([skipped.applied(losses), skipped.last.to(sums.dtype)[None]])
         if progress is not None:
             progress.step(index, losses, lr)
+        if skipped is not None and (index + 1) % check_every == 0:
+            skipped.check(epoch)  # a host sync, a few times an epoch
+        if stop is not None and stop():
+            return Stopped(index + 1, sums)
+    if first == schedule.steps_per_epoch and start:  # stopped after the epoch's last step: nothing left to run
+        start.restore_random()
     seconds = time.perf_counter() - began
-    means = {f"train/{name}": total / schedule.steps_per_epoch
-             for name, total in zip(loss_names, sums.tolist(), strict=True)}
-    return {"epoch": epoch, **means, "lr": float(optimizer.param_groups[0]["lr"]),
-            "samples_per_s": schedule.steps_per_epoch * global_batch / seconds}
+    if skipped is not None:
+        skipped.check(epoch)
+    *totals, count = sums.tolist()
+    applied = schedule.steps_per_epoch - count
+    means = {f"train/{name}": total / applied if applied else float("nan")
+             for name, total in zip(loss_names, totals, strict=True)}
+    if count and progress is not None and progress.console is not None:
+        progress.console.show(f"{progress.label}: epoch {epoch + 1}/{progress.epochs}: {count:.0f} of "
+                              f"{schedule.steps_per_epoch} steps skipped (a non-finite loss or gradient norm)")
+    return {"epoch": epoch, **means, "train/skipped_steps": int(count), "lr": float(optimizer.param_groups[0]["lr"]),
+            "samples_per_s": (schedule.steps_per_epoch - first) * global_batch / seconds}
+
+
+def random_state(rng: np.random.Generator, device: torch.device) -> dict:
+    """This process's random states mid-epoch: torch's (and the GPU's), the epoch's generator (``rng``), Python's
+    and NumPy's global ones."""
+    state = {"torch": torch.get_rng_state(), "rng": rng.bit_generator.state, "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_random_state(state: dict, rng: np.random.Generator, device: torch.device) -> None:
+    """Put back what ``random_state`` saved (into ``rng``, this epoch's generator, and the global ones)."""
+    torch.set_rng_state(state["torch"])
+    rng.bit_generator.state = state["rng"]
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def header(task: TrainingTask, model: nn.Module, device: torch.device, schedule: LrSchedule) -> str:
@@ -231,7 +314,8 @@ def header(task: TrainingTask, model: nn.Module, device: torch.device, schedule:
 
 
 def fit(task: TrainingTask) -> None:
-    """Train ``task`` on this Ray Train worker from its last checkpoint (if any) to its last epoch."""
+    """Train ``task`` on this Ray Train worker from its last checkpoint (if any) to its last epoch, or until its
+    stage asks it to stop (``preemption``): then it saves a checkpoint at that step and ends."""
     settings = task.settings
     rank, world, device = raytrain.worker_context()
     task.rank, task.world_size, task.compile_mode = rank, world, resolve(task.compile, device)
@@ -241,9 +325,8 @@ def fit(task: TrainingTask) -> None:
     compiled_update = task.compile_mode != "none" and device.type == "cuda"  # see compiled.optimizer_update
     optimizer = build_optimizer(model, settings.optim, compiled=compiled_update)
     tracker, console = (task.tracker, task.console) if rank == 0 else (None, None)
-    restored = raytrain.restore_checkpoint(model, optimizer, tracker) or {}
-    if restored and console:
-        console.show(f"{task.label}: resumed from the checkpoint of epoch {restored['epoch'] + 1}")
+    restored = raytrain.restore_checkpoint(model, optimizer, rank, tracker) or {}
+    within = restored.get("within")  # a checkpoint saved within an epoch: {"epoch", "steps", "sums"}
     if compiled_update:
         tensor_lrs(optimizer, device)
     task.load_state(restored)
@@ -252,13 +335,20 @@ def fit(task: TrainingTask) -> None:
     schedule = LrSchedule.for_run(settings.optim, epochs=settings.epochs, steps_per_epoch=data.steps_per_epoch,
                                   global_batch=settings.batch_size * world)
     step = TrainStep(task, net, optimizer, task.compile_mode)
+    stop = StopCheck(task.config.get(raytrain.STOP_FILE), rank, world)
     if console:
         console.show(header(task, model, device, schedule))
+        if restored:
+            console.show(f"{task.label}: resumes from its checkpoint after " + (
+                f"step {within['steps']} of epoch {within['epoch'] + 1} (the epoch's first {within['steps']} batches "
+                "of data are read again)" if within else f"epoch {restored['epoch'] + 1}"))
 
-    first_epoch = restored.get("epoch", -1) + 1
+    first_epoch = within["epoch"] if within else restored.get("epoch", -1) + 1
     for epoch in range(first_epoch, settings.epochs):
         first = epoch == first_epoch
         rng = seed_epoch(settings.seed, rank, epoch)
+        start = EpochStart(within["steps"], within["sums"], partial(set_random_state, restored["rank_state"], rng,
+                                                                     device)) if within and first else None
         data.set_epoch(epoch)
         progress = EpochProgress(task.label, epoch, settings.epochs, schedule.steps_per_epoch,
                                  settings.batch_size * world, task.loss_names, console, tracker,
@@ -267,7 +357,10 @@ def fit(task: TrainingTask) -> None:
                                  ) if rank == 0 else None
         metrics = train_one_epoch(net, optimizer, data.loader, epoch=epoch, schedule=schedule,
                                   step=partial(step, rng=rng), loss_names=task.loss_names, device=device,
-                                  global_batch=settings.batch_size * world, progress=progress)
+                                  global_batch=settings.batch_size * world, progress=progress, start=start, stop=stop)
+        if isinstance(metrics, Stopped):
+            save_stopped(task, model, optimizer, history, epoch, metrics, schedule, random_state(rng, device))
+            return
         metrics |= task.evaluate(model, device, epoch)
         last = epoch == settings.epochs - 1
         files = task.final_files(model, device) if last else None
@@ -280,8 +373,29 @@ def fit(task: TrainingTask) -> None:
             if tracker:
                 tracker.log_epoch(metrics, epoch)
             if last or task.checkpoint_due(epoch):
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "history": history, "config": model.cfg.to_dict(), **task.state()}
+                state = checkpoint_state(task, model, optimizer, history, epoch)
             if last:
                 files[HISTORY_FILE] = history_csv(history)
         raytrain.report_epoch(metrics, state, files if rank == 0 else None)
+
+
+def checkpoint_state(task: TrainingTask, model: nn.Module, optimizer: torch.optim.Optimizer, history: list,
+                     epoch: int) -> dict:
+    """What rank 0 saves after ``epoch``: the model, the optimizer, the history so far and the task's own state."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+            "config": model.cfg.to_dict(), **task.state()}
+
+
+def save_stopped(task: TrainingTask, model: nn.Module, optimizer: torch.optim.Optimizer, history: list, epoch: int,
+                 stopped: Stopped, schedule: LrSchedule, random: dict) -> None:
+    """Every rank, when its stage asked the run to stop within ``epoch``: a checkpoint at that step (rank 0's state
+    with where the epoch stands, every rank's random states), whose metrics say where it stopped."""
+    state = None
+    if task.rank == 0:
+        state = {**checkpoint_state(task, model, optimizer, history, epoch - 1),
+                 "within": {"epoch": epoch, "steps": stopped.steps, "sums": stopped.sums.tolist()}}
+        task.console.show(f"{task.label}: stop requested: checkpoint saved after step {stopped.steps} of epoch "
+                          f"{epoch + 1}")
+    raytrain.report_epoch({"epoch": epoch, raytrain.STOPPED_AT_STEP: stopped.steps,
+                           "steps_per_epoch": schedule.steps_per_epoch}, state, rank_state=random,
+                          name=f"checkpoint_epoch{epoch + 1:04d}_step{stopped.steps:06d}")

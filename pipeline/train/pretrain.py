@@ -28,6 +28,8 @@ from . import raytrain
 from .compiled import autocast
 from .loop import TrainData, TrainingTask, fit, results_only, run_options
 from .optim import steps_per_epoch
+from .preemption import on_signals
+from .resume import forget, run_inputs
 
 LOSS_KEYS = ("loss", "loss_video", "loss_audio", "loss_contrastive")
 
@@ -79,15 +81,22 @@ def pretrain_worker(config: dict) -> None:
 def pretrain_config(settings: PretrainSettings, shards: list[ShardIndex], options: dict | None = None) -> dict:
     """What the Ray Train workers get (``PretrainTask``): the shards to stream and how many clips they hold, and
     how to run (``training.run_options``)."""
-    return {"settings": settings.model_dump(mode="json"), "shards": [shard.path for shard in shards],
+    return {"settings": settings.model_dump(mode="json"), "label": f"pretrain {settings.dataset}",
+            "shards": [shard.path for shard in shards],
             "num_clips": sum(len(shard.samples) for shard in shards), **(options or run_options())}
 
 
 def run_pretrain(params: Params, layout: Layout, shards: list[ShardIndex], tracker=None) -> dict:
     """Pre-train on ``shards`` (``data.verified_shards``); writes runs/pretrain/ and returns the last metrics."""
-    options = run_options(params.scaling, params.progress, tracker, raytrain.worker_console())
-    result = raytrain.run_trainer(pretrain_worker, pretrain_config(params.pretrain, shards, options), params.scaling,
-                                  name=f"pretrain-{params.pretrain.dataset}", storage=layout.ray_results)
+    console = raytrain.worker_console()  # Ray started: its signal handlers are in place, on_signals replaces them
+    # the shards are dealt to ranks x loader processes (``sampling.epoch_shards``): their number shapes the batches
+    inputs = run_inputs({"shards": shards_hash(shards)}, params.pretrain, params.scaling,
+                        loader_workers=params.scaling.loader_workers)
+    with on_signals(layout.ray_results) as stop:
+        options = run_options(params.scaling, params.progress, tracker, console, str(stop.path))
+        result = raytrain.run_trainer(pretrain_worker, pretrain_config(params.pretrain, shards, options),
+                                      params.scaling, name=f"pretrain-{params.pretrain.dataset}",
+                                      storage=layout.ray_results, inputs=inputs)
     state = raytrain.load_result_state(result)
     out = layout.pretrain
     with atomic_path(out.checkpoint) as tmp, open(tmp, "wb") as file:  # a file object: no temp name inside
@@ -96,6 +105,7 @@ def run_pretrain(params: Params, layout: Layout, shards: list[ShardIndex], track
         atomic_write_bytes(out.history, (Path(folder) / HISTORY_FILE).read_bytes())
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     write_json(out.metrics, results_only(metrics))
+    forget(result.path)  # the outputs are written: nothing left to continue
     return metrics
 
 
@@ -115,6 +125,7 @@ def stage_pretrain(params: DataParams) -> dict:
     params = training_params(params)
     layout = Layout.current()
     dataset = params.pretrain.dataset
+    tracking.require_reachable(tracking.tracking_uri())  # before the shards' hashes: a missing server is said at once
     processed = require(layout.data(dataset).processed, f"run `hicmae preprocess --dataset {dataset}` first")
     shards = verified_shards(processed, f"run `hicmae preprocess --dataset {dataset}` again to redo it")
     data_hash = shards_hash(shards)

@@ -2,8 +2,9 @@
 
 Local by default (Ray on loopback, using this machine's cores); on a cluster when ``RAY_ADDRESS`` is set.
 Checkpoints go through ``ray.train.report``; when a worker dies, ``FailureConfig(max_failures)`` restarts the
-whole worker group (Ray Train v2, the default in Ray 2.60) and ``training.fit`` resumes from
-``ray.train.get_checkpoint()``.
+whole worker group (Ray Train v2, the default in Ray 2.60) and ``loop.fit`` resumes from
+``ray.train.get_checkpoint()``. A run's folder is named after its inputs (``resume``), so that the stage run
+again after an interruption continues it.
 
 What the workers have to say reaches the console through the stage's ``console.remote_console()``; Ray forwards
 their output, and Ray Train logs below warnings, only with ``--verbose`` (``console.verbose``).
@@ -11,44 +12,55 @@ their output, and Ray Train logs below warnings, only with ``--verbose`` (``cons
 
 from __future__ import annotations
 
-import os
 import pickle
 import tempfile
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from preprocessing.errors import InputError
 from preprocessing.ray_runtime import on_loopback, start_ray
 
 from ..config.params import ScalingSettings
-from ..console import remote_console, verbose
-from ..layout import CHECKPOINT_STATE
+from ..console import Console, remote_console, verbose
+from ..layout import CHECKPOINT_STATE, shown
+from .preemption import Preempted, StopFile, stop_reason
+from .resume import RunInputs, run_folder
 
 TRACKER = "tracker"  # a run's MLflow logger in its config (``loop.run_options``): rank 0's alone
+STOP_FILE = "stop_file"  # where a run's config says its stage asks it to stop (``preemption.StopFile``)
+STOPPED_AT_STEP = "stopped_at_step"  # in the metrics of a checkpoint saved on a stop request
+RANK_STATE = "rank-{rank}.pt"  # a rank's random states, in a checkpoint saved within an epoch
 
 
 def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: ScalingSettings, name: str,
-                storage: str | Path):
-    """Run ``loop(loop_config)`` on Ray Train workers; returns the ray.train.Result (raises if training failed).
+                storage: str | Path, inputs: RunInputs):
+    """Run ``loop(loop_config)`` on Ray Train workers; returns the ray.train.Result (raises if training failed, and
+    ``Preempted`` if it stopped on request, its checkpoint saved).
 
-    Every call is a new Ray Train run (its name gets a time stamp): a worker that dies is replaced and the
-    group resumes from the run's last checkpoint, but a later call never picks up a stale run's state.
+    The run's folder is ``<storage>/<name>/<key of inputs>`` (``resume.run_folder``): called again with the same
+    inputs after an interruption, Ray Train restores its last checkpoint; with other inputs it starts afresh. The
+    console says which. Within a call, a worker that dies is replaced and the group resumes from the last
+    checkpoint (``scaling.max_failures`` times). The caller ``resume.forget``s ``result.path`` once it wrote the
+    outputs.
 
     ``loop_config`` travels pickled to bytes: Ray Train's controller process unpickles ``train_loop_config`` but
     has no use for it, and its objects would make it import what they need (MLflow, the training modules), which
     delays every run's start by seconds of CPU. The workers unpickle it (``_unpack``), all but rank 0 without the
     ``tracker`` (None for them), which only rank 0 uses and whose unpickling imports MLflow (seconds of CPU).
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .rendezvous import LoopbackTorchConfig
 
     start_ray(log_to_driver=verbose())
-    name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    folder, said = run_folder(storage, name, inputs)
+    label = loop_config.get("label") or name
+    if said:
+        (loop_config.get("console") or Console()).show(f"{label}: {said}")
     tracker = pickle.dumps(loop_config[TRACKER]) if loop_config.get(TRACKER) is not None else None
     trainer = TorchTrainer(
         partial(_unpack, loop),
@@ -56,13 +68,28 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, scaling: Scalin
                            TRACKER: tracker},
         torch_config=LoopbackTorchConfig() if on_loopback() else TorchConfig(),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker},
+                                     placement_strategy=scaling.placement_strategy),
+        run_config=RunConfig(name=folder.name, storage_path=str(folder.parent),
                              failure_config=FailureConfig(max_failures=scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
     )
-    return trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:  # a worker's error the user fixes (diverged, disk full): its one line
+        failures = getattr(err, "worker_failures", None) or {}
+        cause = next((error for _, error in sorted(failures.items()) if isinstance(error, InputError)), None)
+        if cause is None:
+            raise
+        raise cause from None
+    stopped = result.metrics.get(STOPPED_AT_STEP)
+    if stopped is not None:
+        epoch = result.metrics["epoch"]
+        raise Preempted(f"{label}: stopped on request ({stop_reason(loop_config.get(STOP_FILE))}) at epoch "
+                        f"{epoch + 1}, step {stopped} of {result.metrics['steps_per_epoch']}, its checkpoint saved "
+                        f"in {shown(folder)}: run the same command (or `dvc repro`) to continue from there")
+    return result
 
 
 def worker_console():
@@ -78,7 +105,11 @@ def _unpack(loop: Callable[[dict], None], config: dict) -> None:
     loop_config = pickle.loads(config["pickled"])
     if config[TRACKER] is not None and ray.train.get_context().get_world_rank() == 0:
         loop_config[TRACKER] = pickle.loads(config[TRACKER])
-    loop(loop_config)
+    try:
+        loop(loop_config)
+    finally:  # rank 0: its queued metrics reach MLflow (or a file beside the log) before Ray ends this process
+        if loop_config.get(TRACKER) is not None:
+            loop_config[TRACKER].flush()
 
 
 def runs_that_fit(scaling: ScalingSettings, limit: int | None = None) -> int:
@@ -93,32 +124,36 @@ def runs_that_fit(scaling: ScalingSettings, limit: int | None = None) -> int:
     return max(1, min(fits, limit or fits))
 
 
-def run_concurrently(driver: Callable[[object], None], items: list, *, limit: int) -> dict[object, str]:
+def run_concurrently(driver: Callable[[object], object], items: list, *, limit: int,
+                     stop: StopFile | None = None) -> tuple[dict, dict[object, str]]:
     """``driver(item)`` for every item, at most ``limit`` at a time, each in a Ray task of its own that claims no
     CPU (it only drives a Ray Train run, ``run_trainer``, whose workers claim the resources). A call that fails
-    does not stop the others. Returns, by item, the error of every call that failed."""
+    does not stop the others; once ``stop`` is requested no new call starts. Returns, by item, what each call that
+    finished returned, and the error of each that failed."""
     import ray
 
     start_ray(log_to_driver=verbose())
     remote = ray.remote(num_cpus=0, max_retries=0)(_call)  # Ray Train retries its workers itself
     shared = ray.put(driver)  # serialised once for all the calls, not once per call
-    queue, running, failed = list(items), {}, {}
+    queue, running, returned, failed = list(items), {}, {}, {}
     while queue or running:
-        while queue and len(running) < limit:
+        while queue and len(running) < limit and not (stop and stop.requested):
             item = queue.pop(0)
             running[remote.remote(shared, item)] = item
+        if not running:
+            break
         [done], _ = ray.wait(list(running), num_returns=1)
         item = running.pop(done)
         try:
-            ray.get(done)
+            returned[item] = ray.get(done)
         except ray.exceptions.RayTaskError as err:
             cause = err.cause if err.cause is not None else err
             failed[item] = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[-1]}"
-    return failed
+    return returned, failed
 
 
-def _call(driver: Callable[[object], None], item: object) -> None:
-    driver(item)
+def _call(driver: Callable[[object], object], item: object) -> object:
+    return driver(item)
 
 
 def worker_context() -> tuple[int, int, torch.device]:
@@ -141,11 +176,13 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     return ray.train.torch.prepare_model(model)
 
 
-def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tracker=None) -> dict | None:
-    """Load the run's latest checkpoint into model and optimizer; returns its whole state, or None.
+def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
+                       tracker=None) -> dict | None:
+    """Load the run's latest checkpoint into model and optimizer; returns its whole state, or None. A checkpoint
+    saved within an epoch holds every rank's random states: this rank's are the state's ``rank_state``.
 
     Given the run's ``tracker``, logs the metric ``resumed_from_epoch`` (the checkpoint's epoch, at that step) into
-    the same MLflow run.
+    the same MLflow run, or ``resumed_within_epoch`` and ``resumed_after_step`` for a checkpoint within an epoch.
     """
     import ray.train
 
@@ -154,25 +191,61 @@ def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         return None
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+        rank_file = Path(folder) / RANK_STATE.format(rank=rank)
+        if rank_file.is_file():
+            state["rank_state"] = torch.load(rank_file, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if tracker:
-        tracker.log_epoch({"resumed_from_epoch": state["epoch"]}, state["epoch"])
+        within = state.get("within")  # saved within an epoch, on a stop request
+        tracker.log_epoch({"resumed_within_epoch": within["epoch"], "resumed_after_step": within["steps"]}
+                          if within else {"resumed_from_epoch": state["epoch"]}, within["epoch"] if within
+                          else state["epoch"])
     return state
 
 
-def report_epoch(metrics: dict, state: dict | None, files: dict[str, bytes] | None = None) -> None:
-    """Report an epoch's metrics from every rank; rank 0 passes ``state`` (and ``files``) as the checkpoint."""
+def report_epoch(metrics: dict, state: dict | None, files: dict[str, bytes] | None = None,
+                 rank_state: dict | None = None, name: str | None = None) -> None:
+    """Report metrics from every rank (every rank calls it as often). Rank 0's ``state`` (and result ``files``)
+    make the checkpoint; a checkpoint within an epoch adds every rank's ``rank_state`` (its random states), which
+    Ray Train merges into the same folder, ``name`` (the same on every rank).
+
+    A ``state`` with a tensor that is not finite is refused (``divergence.NonFiniteCheckpoint``). A checkpoint that
+    finds no space is ``fileio.DiskFull``, one line naming where: the temporary folder it is written to first, or
+    the run's storage folder that Ray Train copies it to; the run's earlier checkpoints are as they were."""
     import ray.train
 
-    if state is None:
+    from preprocessing.fileio import DiskFull, out_of_space
+
+    from .divergence import refuse_nonfinite
+
+    if state is None and rank_state is None:
         ray.train.report(metrics)
         return
+    what = f"the checkpoint of epoch {metrics['epoch'] + 1}" if "epoch" in metrics else "the checkpoint"
+    kept = f"{what} is not saved, and the run's earlier checkpoints are as they were"
+    if state is not None:
+        refuse_nonfinite(state, what)
     with tempfile.TemporaryDirectory() as folder:
-        torch.save(state, Path(folder) / CHECKPOINT_STATE)
-        for name, payload in (files or {}).items():
-            (Path(folder) / name).write_bytes(payload)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        try:
+            if state is not None:
+                torch.save(state, Path(folder) / CHECKPOINT_STATE)
+            if rank_state is not None:
+                torch.save(rank_state, Path(folder) / RANK_STATE.format(rank=ray.train.get_context().get_world_rank()))
+            for file, payload in (files or {}).items():
+                (Path(folder) / file).write_bytes(payload)
+        except Exception as err:
+            if out_of_space(err, folder):
+                raise DiskFull(folder, kept) from err
+            raise
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=name)
+        except Exception as err:
+            storage = ray.train.get_context().get_storage().experiment_fs_path
+            if out_of_space(err, storage):
+                raise DiskFull(storage, kept) from err
+            raise
 
 
 def load_result_state(result) -> dict:
