@@ -154,6 +154,9 @@ def preprocess(manifest: str | os.PathLike, out_dir: str | os.PathLike, root: st
                 progress.update(done["clips"])
                 for stage, value in done["seconds"].items():
                     seconds[stage] += value
+        # A task lost with its node mid-write leaves its temporary file (Ray Data ran the unit again elsewhere): the
+        # output must hold only what a run on one machine holds.
+        remove_leftovers(out_dir, units)
     statuses = [read_status(out_dir, unit.index) for unit in units]
     missing = [unit.index for unit, status in zip(units, statuses, strict=True) if status is None]
     if missing:
