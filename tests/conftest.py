@@ -137,6 +137,38 @@ def demo_run(tmp_path_factory, demo_shards, mlflow_server) -> DemoRun:
     return run_demo_pipeline(work, mlflow_server)
 
 
+CLASSES = ("neutral", "happy", "angry", "sad")  # the classes of ``random_classifier``
+
+
+@pytest.fixture(scope="session")
+def random_classifier(tmp_path_factory) -> Path:
+    """An exported classifier of the test size with seeded random weights (``CLASSES``): for tests that count rows
+    or compare prediction paths, not accuracy."""
+    import torch
+
+    from model import HiCMAEClassifier, get_config
+    from pipeline.train.export import export_model
+    from preprocessing.manifest import DatasetInfo
+
+    torch.manual_seed(0)
+    cfg = get_config("hicmae_test")
+    info = DatasetInfo(name="mine", task="classification", classes=list(CLASSES))
+    return export_model(HiCMAEClassifier(cfg, len(CLASSES)).state_dict(), cfg, info, {}, None,
+                        tmp_path_factory.mktemp("exported") / "model-folder")
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """torch.compile's caches and counters emptied before and after the test (its graphs and breaks counted alone)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def face_models() -> dict[str, str]:
     """Paths of the face-detector models by name (fetched once by scripts/setup.sh); skips where they are not

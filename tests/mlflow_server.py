@@ -88,6 +88,16 @@ class MlflowServer:
         """POST a JSON body to a tracking REST endpoint; the decoded JSON answer."""
         return _request(self.api(endpoint), json.dumps(body).encode())
 
+    def runs_by_name(self, experiment: str) -> dict[str, dict]:
+        """The runs of ``experiment`` (up to 100) by run name, as the REST API gives them."""
+        experiment_id = self.get("experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
+        runs = self.post("runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
+        return {run["info"]["run_name"]: run for run in runs}
+
+    def metric_history(self, run: dict, key: str) -> list[dict]:
+        """Every point of metric ``key`` of ``run`` (value, step, timestamp)."""
+        return self.get("metrics/get-history", run_id=run["info"]["run_id"], metric_key=key).get("metrics", [])
+
     def log_tail(self, chars: int = 3000) -> str:
         """The end of the server's log, for failure messages."""
         log = self.folder / "server.log"

@@ -31,16 +31,10 @@ from preprocessing.manifest import DatasetInfo
 
 STEPS, BATCH = 5, 2  # the per-rank batch of test_compile_stages.py: the same kernels, compiled once
 LOSS_RTOL, GRAD_ATOL = 1e-4, 1e-5
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
+
 INFO = DatasetInfo(name="synthetic", task="classification", classes=["a", "b", "c"])
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def pretrain_task(mode: str) -> PretrainTask:

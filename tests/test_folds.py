@@ -47,8 +47,7 @@ def finetune(demo: Path, work: Path, server, *overrides: str) -> Path:
 
 def run_span(server, run: dict) -> tuple[int, int]:
     """When a fold's run logged its first and its last epoch metrics (ms since the epoch): when it trained."""
-    history = server.get("metrics/get-history", run_id=run["info"]["run_id"], metric_key="train/loss")["metrics"]
-    stamps = [point["timestamp"] for point in history]
+    stamps = [point["timestamp"] for point in server.metric_history(run, "train/loss")]
     return min(stamps), max(stamps)
 
 

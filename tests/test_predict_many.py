@@ -15,18 +15,14 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import torch
 from media import speech_wav, write_clip
 
-from model import HiCMAEClassifier, get_config
 from pipeline import cli
 from pipeline.predict.inputs import collect_inputs
 from pipeline.predict.table import EMBEDDINGS, PredictionTable, TableError, csv_columns, csv_text
 from pipeline.predict.video import predict
-from pipeline.train.export import export_model
-from preprocessing.manifest import DatasetInfo
 
-CLASSES = ["neutral", "happy", "angry", "sad"]
+CLASSES = ["neutral", "happy", "angry", "sad"]  # conftest.random_classifier's
 GOOD = [f"talks/clip{i}.mp4" for i in range(6)] + ["talks/three seconds.mp4", "talks/more/in a folder.mkv"]
 BROKEN = {"talks/broken.mp4": "unreadable: not a media file PyAV can open", "talks/silent.mp4": "no_audio_stream: "}
 SEGMENTS = ["long.mp4@0-3.5", "long.mp4@3.5-end"]
@@ -52,12 +48,8 @@ def videos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = get_config("hicmae_test")
-    info = DatasetInfo(name="mine", task="classification", classes=CLASSES)
-    return export_model(HiCMAEClassifier(cfg, len(CLASSES)).state_dict(), cfg, info, {}, None,
-                        tmp_path_factory.mktemp("exported") / "model-folder")
+def model(random_classifier) -> Path:
+    return random_classifier
 
 
 def command(model: Path, *extra: str) -> list[str]:

@@ -174,16 +174,6 @@ def pretrain_job(cluster, workdir):
     return submit(cluster, "--params", str(workdir / "params.yaml"), "pretrain")
 
 
-def runs_by_name(server, experiment: str) -> dict[str, dict]:
-    experiment_id = server.get("experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
-    runs = server.post("runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
-    return {run["info"]["run_name"]: run for run in runs}
-
-
-def metric_history(server, run: dict, key: str) -> list[dict]:
-    return server.get("metrics/get-history", run_id=run["info"]["run_id"], metric_key=key).get("metrics", [])
-
-
 def test_killed_worker_resumes_from_its_last_checkpoint(cluster, workdir, pretrain_job, mlflow_server,
                                                         kill_worker_after_checkpoint, tmp_path):
     """A 2-worker pre-training job, one of whose Ray Train workers is SIGKILLed after the first checkpoint, still
@@ -194,14 +184,14 @@ def test_killed_worker_resumes_from_its_last_checkpoint(cluster, workdir, pretra
                      "--set", f"experiment={KILLED_EXPERIMENT}", "pretrain")
 
     assert killer.killed is not None, "no Ray Train worker was running after the first checkpoint"
-    run = runs_by_name(mlflow_server, KILLED_EXPERIMENT)["pretrain-demo"]
+    run = mlflow_server.runs_by_name(KILLED_EXPERIMENT)["pretrain-demo"]
     assert run["info"]["status"] == "FINISHED"
-    resumed = metric_history(mlflow_server, run, "resumed_from_epoch")
+    resumed = mlflow_server.metric_history(run, "resumed_from_epoch")
     assert len(resumed) == 1  # one restart, announced in the same run by the replacement worker
     epoch = int(resumed[0]["value"])
     assert 0 <= epoch <= PRETRAIN_EPOCHS - 2
     assert f"resumes from its checkpoint after epoch {epoch + 1}" in log  # 1-based, as the epoch lines
-    steps = [m["step"] for m in metric_history(mlflow_server, run, "train/loss")]
+    steps = [m["step"] for m in mlflow_server.metric_history(run, "train/loss")]
     assert sorted(set(steps)) == list(range(PRETRAIN_EPOCHS))
     assert steps.count(0) == 1  # epoch 0 was checkpointed before the kill and never trained again
     resumed_state = torch.load(tmp_path / "runs/pretrain/checkpoint.pt", weights_only=False)
@@ -230,6 +220,6 @@ def test_pretraining_runs_as_a_job_on_an_existing_cluster(cluster, workdir, pret
     assert torch.load(workdir / "runs/pretrain/checkpoint.pt", weights_only=False)["epoch"] == PRETRAIN_EPOCHS - 1
     assert json.loads((workdir / "runs/pretrain/metrics.json").read_text())["epoch"] == PRETRAIN_EPOCHS - 1
     assert not (workdir / "ray_results" / "pretrain-demo").exists()  # the outputs written, its run is forgotten
-    run = runs_by_name(mlflow_server, EXPERIMENT)["pretrain-demo"]
+    run = mlflow_server.runs_by_name(EXPERIMENT)["pretrain-demo"]
     assert run["info"]["status"] == "FINISHED"
-    assert [m["step"] for m in metric_history(mlflow_server, run, "train/loss")] == list(range(PRETRAIN_EPOCHS))
+    assert [m["step"] for m in mlflow_server.metric_history(run, "train/loss")] == list(range(PRETRAIN_EPOCHS))

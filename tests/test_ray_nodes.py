@@ -316,16 +316,6 @@ def pretrain_run(cluster, demo_shards, tmp_path_factory) -> tuple[Path, NodeLoss
     return work, watch
 
 
-def runs_by_name(server, experiment: str) -> dict[str, dict]:
-    experiment_id = server.get("experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
-    runs = server.post("runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
-    return {run["info"]["run_name"]: run for run in runs}
-
-
-def metric_history(server, run: dict, key: str) -> list[dict]:
-    return server.get("metrics/get-history", run_id=run["info"]["run_id"], metric_key=key).get("metrics", [])
-
-
 def test_pretraining_spreads_its_workers_over_two_nodes(pretrain_run, mlflow_server):
     """``scaling.placement_strategy: STRICT_SPREAD``: the 2 Ray Train workers run on two worker nodes, one each, and
     train all the epochs."""
@@ -333,9 +323,9 @@ def test_pretraining_spreads_its_workers_over_two_nodes(pretrain_run, mlflow_ser
     assert len(watch.seen) == 2, f"Ray Train workers seen: {watch.seen}"  # the 2 workers, never replaced
     assert len(set(watch.seen.values())) == 2, f"both workers ran on one node: {watch.seen}"
     assert final_state(work)["epoch"] == PRETRAIN_EPOCHS - 1
-    run = runs_by_name(mlflow_server, EXPERIMENT)["pretrain-demo"]
+    run = mlflow_server.runs_by_name(EXPERIMENT)["pretrain-demo"]
     assert run["info"]["status"] == "FINISHED"
-    assert [m["step"] for m in metric_history(mlflow_server, run, "train/loss")] == list(range(PRETRAIN_EPOCHS))
+    assert [m["step"] for m in mlflow_server.metric_history(run, "train/loss")] == list(range(PRETRAIN_EPOCHS))
 
 
 def test_pretraining_that_loses_a_node_resumes_on_the_nodes_left(full_cluster, pretrain_run, demo_shards,
@@ -354,12 +344,12 @@ def test_pretraining_that_loses_a_node_resumes_on_the_nodes_left(full_cluster, p
     assert loss.removed not in after.values() and len(set(after.values())) == 2  # still one a node
     assert loss.removed not in full_cluster.nodes
 
-    run = runs_by_name(mlflow_server, KILLED_EXPERIMENT)["pretrain-demo"]
+    run = mlflow_server.runs_by_name(KILLED_EXPERIMENT)["pretrain-demo"]
     assert run["info"]["status"] == "FINISHED"
-    [resumed] = metric_history(mlflow_server, run, "resumed_from_epoch")  # one restart, in the same run
+    [resumed] = mlflow_server.metric_history(run, "resumed_from_epoch")  # one restart, in the same run
     epoch = int(resumed["value"])
     assert 0 <= epoch <= PRETRAIN_EPOCHS - 2
-    steps = [m["step"] for m in metric_history(mlflow_server, run, "train/loss")]
+    steps = [m["step"] for m in mlflow_server.metric_history(run, "train/loss")]
     assert sorted(set(steps)) == list(range(PRETRAIN_EPOCHS))
     assert steps.count(0) == 1  # epoch 0 was checkpointed before the loss and never trained again
 
@@ -446,23 +436,12 @@ def test_a_task_lost_mid_write_leaves_no_temporary_file(demo_shards, tmp_path, m
 
 # ---------------------------------------------------------------------------------------------------- batch prediction
 
-CLASSES = ["neutral", "happy", "angry", "sad"]
+CLASSES = ["neutral", "happy", "angry", "sad"]  # conftest.random_classifier's
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """An exported classifier of the test size (random weights: what is counted here is rows, not accuracy)."""
-    import torch  # here: the cluster process runs this file and needs none of these
-
-    from model import HiCMAEClassifier, get_config
-    from pipeline.train.export import export_model
-    from preprocessing.manifest import DatasetInfo
-
-    torch.manual_seed(0)
-    cfg = get_config("hicmae_test")
-    info = DatasetInfo(name="mine", task="classification", classes=CLASSES)
-    return export_model(HiCMAEClassifier(cfg, len(CLASSES)).state_dict(), cfg, info, {}, None,
-                        tmp_path_factory.mktemp("exported") / "model")
+def model(random_classifier) -> Path:
+    return random_classifier
 
 
 def test_prediction_that_loses_a_node_has_one_row_per_video(full_cluster, demo_shards, model, tmp_path):
