@@ -11,9 +11,11 @@
     hicmae ablations [--run | --queue] [NAME ...]   (conf/ablations.yaml as DVC experiments)
 
 Every command reads ``params.yaml`` (``--params`` for another file) and applies ``--set key=value`` overrides.
-A bad parameter, an unknown dataset or a missing input is one line on stderr and exit status 1. A stage prints
-a header, its progress and a summary (``pipeline.console``); everything else goes to ``logs/<stage>.log`` and
-its MLflow run, or to the terminal as well with ``--verbose`` (or ``HICMAE_VERBOSE=1``).
+A bad parameter, an unknown dataset or a missing input is one line on stderr and exit status 1. A training stage
+stopped by SIGTERM or Ctrl-C saves a checkpoint at its next step and exits with status 75; the same command
+continues it (``pipeline.train.preemption``). A stage prints a header, its progress and a summary
+(``pipeline.console``); everything else goes to ``logs/<stage>.log`` and its MLflow run, or to the terminal as well
+with ``--verbose`` (or ``HICMAE_VERBOSE=1``).
 """
 
 from __future__ import annotations
