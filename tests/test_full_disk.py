@@ -2,12 +2,14 @@
 file (or folder) and saying that the disk is full (``fileio.DiskFull``, an ``InputError``: a command prints it as one
 line), and whatever was written before (the previous checkpoint, shards, rows) intact, with no temporary file left.
 
-The disk is a real one: a 2 MiB tmpfs mounted for the test (root only: skipped, with the reason, elsewhere), filled
-with a ballast file so that the write in question runs out of space; the writers are the real ones.
+The disk is a real one: a small tmpfs mounted for the test (root only: skipped, with the reason, elsewhere), filled
+with a ballast file so that the write in question runs out of space; the writers are the real ones, and the two
+system tests run the real commands as a user does (``hicmae predict`` on Ray Data, ``hicmae pretrain`` on Ray Train).
 """
 
 from __future__ import annotations
 
+import csv
 import errno
 import gc
 import json
@@ -15,8 +17,8 @@ import os
 import pickle
 import subprocess
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -51,21 +53,34 @@ class Disk:
 
 
 @pytest.fixture
-def disk(tmp_path) -> Disk:
-    root = tmp_path / "disk"
-    root.mkdir()
+def tmpfs() -> Iterator[Callable[[Path, int], Disk]]:
+    """``tmpfs(root, size)``: a tmpfs of ``size`` bytes mounted at ``root`` (made if need be), as a ``Disk``;
+    unmounted after the test."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(root)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    roots = []
+
+    def mount(root: Path, size: int) -> Disk:
+        root.mkdir(parents=True, exist_ok=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(root)],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        roots.append(root)
+        return Disk(root)
+
     try:
-        yield Disk(root)
+        yield mount
     finally:
         gc.collect()  # the files a failed write left open (in its traceback's frames) are closed
-        if subprocess.run(["umount", str(root)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(root)], check=True)
+        for root in reversed(roots):
+            if subprocess.run(["umount", str(root)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "--lazy", str(root)], check=True)
+
+
+@pytest.fixture
+def disk(tmpfs, tmp_path) -> Disk:
+    return tmpfs(tmp_path / "disk", DISK_BYTES)
 
 
 def assert_disk_full(err: DiskFull, path: Path) -> None:
@@ -202,98 +217,133 @@ def test_a_prediction_table_on_a_full_disk_keeps_its_rows_and_adds_the_rest_once
     assert len(out.read_text().splitlines()) == 1 + 4
 
 
-def test_hicmae_predict_into_a_table_on_a_full_disk_says_so_in_one_line(disk, tmp_path, monkeypatch, capsys):
-    """The real ``hicmae predict`` over many videos (the Ray Data pipeline replaced by one that yields each input's
-    row): the disk fills up during the second run; the command prints one line naming the table and exits 1, the
-    rows of the first run intact; run again once there is space, it adds the rest."""
-    from model import HiCMAEClassifier, get_config
-    from pipeline import cli
-    from pipeline.predict import many
-    from pipeline.train.export import export_model
-    from preprocessing.manifest import DatasetInfo
+MODEL_CLASSES = ("neutral", "happy", "angry", "sad")  # conftest.random_classifier's
 
-    cfg = get_config("hicmae_test")
-    model = export_model(HiCMAEClassifier(cfg, len(CLASSES)).state_dict(), cfg,
-                         DatasetInfo(name="mine", task="classification", classes=CLASSES), {}, None,
-                         tmp_path / "model")
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    fill_during_run = []
 
-    def pipeline(todo, *args, **kwargs):
-        if fill_during_run:
-            disk.fill()
-        for index, item in enumerate(todo):
-            yield index, row(Path(item.path).stem, videos)[0], None
+def read_table(out: Path) -> tuple[list[dict], list[dict]]:
+    """The JSONL rows and the CSV rows of the table ``out``, each read strictly: a line that is not a whole row
+    fails, and so does a clip twice."""
+    lines = out.with_suffix(".jsonl").read_text().split("\n")
+    assert lines[-1] == "", "the JSONL ends within a row"
+    rows = [json.loads(line) for line in lines[:-1]]
+    for row in rows:
+        assert row["status"] == "ok" and set(row["clip"]["probabilities"]) == set(MODEL_CLASSES), row
+    with out.open(newline="") as handle:
+        table = list(csv.DictReader(handle, strict=True))
+    assert all(None not in row and None not in row.values() for row in table), table  # every cell, no more
+    assert [row["path"] for row in table] == [row["path"] for row in rows]
+    assert len({row["path"] for row in rows}) == len(rows), "a clip twice"
+    return rows, table
 
-    monkeypatch.setattr(many, "run_pipeline", pipeline)
-    monkeypatch.setattr(many, "ensure_face_models", lambda *args: None)
-    monkeypatch.setattr("pipeline.predict.table.COMMIT_SECONDS", 0.0)  # a commit after every row
+
+@pytest.mark.system
+def test_hicmae_predict_into_a_table_on_a_full_disk_says_so_in_one_line(disk, demo_shards, random_classifier,
+                                                                         hicmae):
+    """The real ``hicmae predict`` over the demo's 15 clips (Ray Data; windows a batch at a time, so that rows come
+    back as clips finish, as over many videos), its table on a disk with room for the first commit and no more. The
+    first commit is of one row: the first to finish, which comes after Ray's start, later than
+    ``table.COMMIT_SECONDS`` after the table was opened; the next one finds the disk full. The command exits 1 with
+    one line naming the table, the committed rows whole; run again once there is space, it adds the other clips,
+    each once, and leaves the first rows as they were."""
+    clips = demo_shards / "raw" / "clips"
+    videos = sorted(str(path) for path in clips.glob("*.mp4"))
     out = disk.root / "predictions.csv"
+    page = os.statvfs(disk.root).f_frsize
+    disk.fill(leave=2 * page)  # the first commit: a page of JSONL (a row), a page of CSV (the header, a row)
 
-    def predict(*names: str) -> int:
-        for name in names:
-            (videos / f"{name}.mp4").touch()
-        return cli.main(["predict", *(str(videos / f"{name}.mp4") for name in names), "--model", str(model),
-                         "--out", str(out)])
+    def predict() -> subprocess.CompletedProcess:
+        return hicmae("predict", str(clips), "--model", str(random_classifier), "--out", str(out),
+                      "--batch-size", "1", "--workers", "1", timeout=300)
 
-    assert predict("a", "b") == 0
-    before = out.read_bytes(), out.with_suffix(".jsonl").read_bytes()
-    capsys.readouterr()
-    fill_during_run.append(True)
-    assert predict("a", "b", "c", "d") == 1
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    failed = predict()
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    error = failed.stderr.strip().splitlines()[-1]
     assert error.startswith(f"hicmae predict: error: {out.with_suffix('.jsonl')}: no space left on the device "
-                            "(the disk is full)"), error
-    assert (out.read_bytes(), out.with_suffix(".jsonl").read_bytes()) == before and disk.leftovers() == []
+                            "(the disk is full): ") and error.endswith("run again"), failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    before, _ = read_table(out)
+    assert 1 <= len(before) < len(videos), (len(before), failed.stderr[-3000:])
+    assert disk.leftovers() == []
 
     disk.free_up()
-    fill_during_run.clear()
-    assert predict("a", "b", "c", "d") == 0
-    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert names(r["path"] for r in rows) == ["a", "b", "c", "d"]
+    done = predict()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{len(before)} done before, {len(videos) - len(before)} now" in done.stderr, done.stderr[-3000:]
+    rows, _ = read_table(out)
+    assert sorted(row["path"] for row in rows) == videos  # every clip, once
+    assert rows[:len(before)] == before  # the rows of the failed run, as they were
+    assert disk.leftovers() == []
 
 
-def test_a_ray_train_checkpoint_finding_no_space_names_where(disk, tmp_path, monkeypatch):
-    """``raytrain.report_epoch``: the checkpoint goes to a temporary folder first (full: the error names it), then
-    Ray Train copies it to the run's storage folder (full: the error names the storage; the run's earlier checkpoint
-    stays whole). Ray Train's own copy (``StorageContext.persist_current_checkpoint``, what ``ray.train.report``
-    does with a checkpoint on a worker) runs here without a Ray cluster."""
-    import tempfile
+def checkpoint_bytes() -> int:
+    """About what a pre-training checkpoint of the test model takes: its weights and AdamW's two moments."""
+    import io
 
-    import ray.train
-    from ray.train.v2._internal.execution.storage import StorageContext
+    from model import HiCMAEPretrain, get_config
+
+    model = HiCMAEPretrain(get_config("hicmae_test"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    return buffer.tell()
+
+
+@pytest.mark.system
+def test_a_ray_train_checkpoint_finding_no_space_names_where(tmpfs, demo_shards, tmp_path, hicmae):
+    """The real ``hicmae pretrain`` (Ray Train, a checkpoint every epoch) with ``ray_results`` on a disk with room for
+    one checkpoint and not two: the first epoch's is saved; Ray Train's copy of the second into the run's folder
+    finds no space (``raytrain.report_epoch``). The command exits 1 with one line naming that folder; the first
+    checkpoint is whole and the one Ray Train's record of the run holds (the same command continues from it); no
+    output is written."""
+    from demo_data import demo_workspace
 
     from pipeline.layout import CHECKPOINT_STATE
+    from pipeline.train.resume import SNAPSHOT
+
+    work = demo_workspace(demo_shards, tmp_path, pretrain={
+        "dataset": "demo", "model": {"size": "hicmae_test"}, "epochs": 3, "batch_size": 2,
+        "optim": {"warmup_epochs": 0}}, scaling={"num_workers": 1, "max_failures": 0})
+    disk = tmpfs(work / "ray_results", 32 * 1024 * 1024)
+    free = 3 * checkpoint_bytes() // 2  # a checkpoint and Ray Train's small files, not two checkpoints
+    disk.fill(leave=free)
+
+    result = hicmae("--params", str(work / "params.yaml"), "pretrain", timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    states = sorted((disk.root / "pretrain-demo").glob(f"*/checkpoint_*/{CHECKPOINT_STATE}"))  # by time
+    assert states, f"no checkpoint saved: {result.stderr[-3000:]}"
+    first, run = states[0], states[0].parent.parent
+    assert first.stat().st_size <= free < 2 * first.stat().st_size, free  # the disk was as meant: one, not two
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"hicmae: error: {run}: no space left on the device (the disk is full): the checkpoint "
+                            "of epoch 2 is not saved, and the run's earlier checkpoints are as they were") \
+        and error.endswith("run again"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    state = torch.load(first, map_location="cpu", weights_only=False)  # whole: it loads
+    assert state["epoch"] == 0 and len(state["history"]) == 1
+    registered = json.loads((run / SNAPSHOT).read_text())["checkpoint_results"]
+    assert [entry["checkpoint_dir_name"] for entry in registered] == [first.parent.name]
+    assert not (work / "runs" / "pretrain" / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_finding_no_space_in_its_temporary_folder_names_it(disk, monkeypatch):
+    """``raytrain.report_epoch`` writes a checkpoint to a temporary folder before Ray Train copies it to the run's
+    folder: with the temporary folders (``TMPDIR``) on a full disk it fails there, before anything reaches Ray, with
+    one line naming that folder, which is gone."""
+    import tempfile
+
     from pipeline.train import raytrain
 
-    storage = StorageContext(str(disk.root / "ray_results"), "pretrain-demo")
-    storage._create_validation_file()  # as the run's controller does when it starts
-    saved = []
-
-    def report(metrics, checkpoint=None, checkpoint_dir_name=None):
-        saved.append(storage.persist_current_checkpoint(checkpoint, f"checkpoint_{len(saved):06d}"))
-
-    monkeypatch.setattr(ray.train, "report", report)
-    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_storage=lambda: storage))
-    state = {"model": {"w": torch.randn(50_000)}, "epoch": 0}
-    raytrain.report_epoch({"epoch": 0}, state)
-    first = Path(saved[0].path) / CHECKPOINT_STATE
-    before = first.read_bytes()
-
+    scratch = disk.root / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # as TMPDIR=scratch: where TemporaryDirectory makes them
     disk.fill(leave=64 * 1024)
     with pytest.raises(DiskFull) as raised:
-        raytrain.report_epoch({"epoch": 1}, {**state, "epoch": 1})
-    assert str(raised.value).startswith(f"{storage.experiment_fs_path}: no space left on the device (the disk is "
-                                        "full): the checkpoint of epoch 2 is not saved, and the run's earlier "
-                                        "checkpoints are as they were"), str(raised.value)
-    assert first.read_bytes() == before and len(saved) == 1
-
-    scratch = disk.root / "tmp"
-    scratch.mkdir(exist_ok=True)
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where TemporaryDirectory makes its folders
-    with pytest.raises(DiskFull) as raised:
-        raytrain.report_epoch({"epoch": 1}, {**state, "epoch": 1})
-    assert str(raised.value).startswith(f"{scratch}/"), str(raised.value)
-    assert "the checkpoint of epoch 2 is not saved" in str(raised.value) and len(saved) == 1
+        raytrain.report_epoch({"epoch": 1}, {"model": {"w": torch.randn(100_000)}, "epoch": 1})
+    message = str(raised.value)
+    assert message.startswith(f"{scratch}/") and "\n" not in message, message
+    assert ": no space left on the device (the disk is full): the checkpoint of epoch 2 is not saved, and the run's " \
+           "earlier checkpoints are as they were" in message, message
     assert list(scratch.iterdir()) == []  # the temporary folder is gone

@@ -1,7 +1,8 @@
 """The tracking server is never on the training path, as a user meets it: the real command pre-trains the tiny demo on
 2 Ray Train workers while its ``mlflow server`` is killed and, a while later, started again on the same port and
-store. Training does not wait for it, the console says that tracking fell behind and caught up, and every step's
-metrics reach the run. A stage whose tracking server is not there fails at once, with one line, before any work.
+store. Training does not wait for it, the console says that tracking fell behind and caught up, every step's
+metrics reach the run, and the weights are those of the same run with no server to lose. A stage whose tracking
+server is not there fails at once, with one line, before any work.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from demo_data import demo_workspace
 from mlflow_server import free_port, running_mlflow_server
 
@@ -126,8 +128,18 @@ def test_training_goes_on_while_the_tracking_server_is_down(demo_shards, tmp_pat
         assert longest < (outage.ended - outage.began) / 2, (longest, outage.ended - outage.began)
         epochs = history(server, run_id, "train/loss")
         assert [int(point["step"]) for point in epochs] == list(range(EPOCHS))
-    assert (work / "runs/pretrain/checkpoint.pt").is_file()
     assert not list((work / "logs").glob("*.mlflow-*.jsonl"))
+
+    # The same run tracked into a local store, no server to lose: the same weights, bit for bit.
+    reference = demo_workspace(demo_shards, tmp_path / "reference", **PARAMS)
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "--params", str(reference / "params.yaml"),
+                           "pretrain"], cwd=PROJECT, env=environment(reference, f"sqlite:///{reference}/mlflow.db"),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = [torch.load(root / "runs/pretrain/checkpoint.pt", weights_only=False)["model"]
+               for root in (work, reference)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
 def experiment_id(server) -> str:
