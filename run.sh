@@ -8,6 +8,6 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 case "${1:-}" in
     demo) shift; dvc repro "$@" ;;
-    test) shift; python -m pytest -n "${HICMAE_TEST_PROCESSES:-2}" --dist loadgroup --no-loadscope-reorder "$@" ;;
+    test) shift; python -m pytest -n "${HICMAE_TEST_PROCESSES:-2}" --no-loadscope-reorder "$@" ;;
     *) echo "usage: ./run.sh demo|test [extra args for dvc repro / pytest]" >&2; exit 2 ;;
 esac

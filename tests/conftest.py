@@ -45,24 +45,42 @@ def pytest_runtest_logreport(report) -> None:
     MODULE_SECONDS[report.nodeid.split("::")[0]] += report.duration
 
 
-# The test processes (``./run.sh test`` starts two, pytest-xdist's ``--dist loadgroup``) take whole groups: a module
-# is a group (its module-scoped fixtures are made once), and the modules that check the shared end-to-end run
+# The test processes (``./run.sh test`` starts two, pytest-xdist) take whole groups (``TestGroups``): a module is a
+# group, so that its module-scoped fixtures are made once, and the modules that check the shared end-to-end run
 # (``demo_run``) are one. The groups are handed out in this order, the longest first (from CI's "time per module"),
 # so that neither process is left with a long group at the end; the rest follow in collection order.
 DEMO_RUN_GROUP = "demo-run"
+DEMO_RUN_MODULES = ("tests/test_pipeline.py", "tests/test_compile_stages.py", "tests/test_preemption.py")
 LONGEST_FIRST = (DEMO_RUN_GROUP, "tests/test_dvc.py", "tests/test_ray_cluster.py", "tests/test_ray_nodes.py",
                  "tests/test_folds.py", "tests/test_custom_pipeline.py", "tests/test_compile.py",
-                 "tests/test_predict_many.py", "tests/test_tracking_outage.py", "tests/test_divergence.py")
+                 "tests/test_predict_many.py", "tests/test_tracking_outage.py", "tests/test_divergence.py",
+                 "tests/test_full_disk.py")
+
+
+def test_group(nodeid: str) -> str:
+    module = nodeid.split("::")[0]
+    return DEMO_RUN_GROUP if module in DEMO_RUN_MODULES else module
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    def group(item) -> str:
-        return DEMO_RUN_GROUP if "demo_run" in item.fixturenames else item.nodeid.split("::")[0]
-
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+    strays = sorted({item.nodeid.split("::")[0] for item in items if "demo_run" in item.fixturenames} -
+                    set(DEMO_RUN_MODULES))
+    if strays:
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(strays)} to DEMO_RUN_MODULES (they use demo_run)")
     rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: collection order within a rank
+    items.sort(key=lambda item: rank.get(test_group(item.nodeid), len(rank)))  # stable within a rank
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Whole groups to each test process (``test_group``), in collection order (``LONGEST_FIRST`` first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TestGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid)
+
+    return TestGroups(config, log)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
