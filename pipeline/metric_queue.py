@@ -34,6 +34,7 @@ LOCAL_SCHEMES = ("sqlite", "file", "")
 ATTEMPT_TIMEOUT_S = 5.0
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0  # the pause after a failed attempt, doubling up to the most
 BATCH_LIMIT = 1000  # metrics in one log-batch request: MLflow's limit
+SETTLE_S = ATTEMPT_TIMEOUT_S  # the most a checkpoint waits for the metrics before it (the server up)
 FLUSH_ENV, FLUSH_DEFAULT_S = "HICMAE_TRACKING_FLUSH_S", 60.0  # the most a run's end waits for its queued metrics
 MISSING_SPAN_TAG = "tracking.missing_span"  # a run's metrics that are not in MLflow: steps, times, where they are
 # Error codes of a server that took the request and refused it (a deleted run, a bad value): retrying cannot help.
@@ -238,6 +239,19 @@ class MetricQueue:
         """Points not delivered yet."""
         with self._lock:
             return len(self._points)
+
+    def settle(self, timeout: float) -> bool:
+        """While the server takes metrics, wait up to ``timeout`` seconds for the queue to empty (the moments
+        before a checkpoint: what was logged up to it is in MLflow should this process die); during an outage,
+        return at once. True if nothing is left."""
+        with self._lock:
+            if self._down_since is not None:
+                return not self._points
+            self._hurry = True
+            self._lock.notify_all()
+            settled = self._lock.wait_for(lambda: not self._points or self._down_since is not None, timeout)
+            self._hurry = False
+            return settled and not self._points
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every queued point to be delivered; True if they were. Else the points

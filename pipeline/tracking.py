@@ -19,10 +19,12 @@ view of its runs table for comparing variants: ``runs_view_url`` links to it (an
 Training never waits on the tracking server. A ``RunLogger`` (what rank 0 of a Ray Train run logs with) only queues
 its metrics, with the time they were logged; a daemon thread of the process delivers them in order, in batches, and
 retries with a short timeout and back-off for as long as the run goes on (``metric_queue.MetricQueue``). An outage
-is one console line when it begins and one when the queue caught up. At a run's end (``flush``, ``finish``) the
-queue gets a bounded time (``HICMAE_TRACKING_FLUSH_S``, 60 s); what the server still has not taken then is written beside the stage's log
-(``logs/<stage>.mlflow-<run id>.jsonl``) and delivered by the stage's end, or by the next stage that reaches the
-server (``deliver_spill``); a run whose span could not be delivered says so in its tag ``tracking.missing_span``. A
+is one console line when it begins and one when the queue caught up. Before a checkpoint the worker lets the queue
+empty while the server takes metrics (``settle``, no wait during an outage), so a worker that dies leaves no gap. At
+a run's end (``flush``, ``finish``) the queue gets a bounded time (``HICMAE_TRACKING_FLUSH_S``, 60 s); what the
+server still has not taken then is written beside the stage's log (``logs/<stage>.mlflow-<run id>.jsonl``) and
+delivered by the stage's end, or by the next stage that reaches the server (``deliver_spill``); a run whose span
+could not be delivered says so in its tag ``tracking.missing_span``. A
 stage whose server does not answer at its start fails at once with one line (``require_reachable``).
 """
 
@@ -57,6 +59,7 @@ from .console import console_log, current
 from .layout import PROJECT_ROOT
 from .metric_queue import (
     FLUSH_DEFAULT_S,
+    SETTLE_S,
     MetricQueue,
     Point,
     deliver_leftovers,
@@ -405,6 +408,11 @@ class RunLogger:
     def pending(self) -> int:
         """Metrics logged in this process and not delivered yet."""
         return self._queue.pending() if self._queue is not None else 0
+
+    def settle(self) -> bool:
+        """Before a checkpoint: the metrics logged so far delivered, if the server takes them (``MetricQueue.settle``:
+        no wait during an outage). A worker that dies after the checkpoint then leaves no gap in the run."""
+        return self._queue is None or self._queue.settle(SETTLE_S)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` (default ``flush_timeout_s``) seconds for the queued metrics to reach MLflow; True

@@ -46,8 +46,9 @@ def finetune(demo: Path, work: Path, server, *overrides: str) -> Path:
 
 
 def run_span(server, run: dict) -> tuple[int, int]:
-    """When a fold's run logged its first and its last epoch metrics (ms since the epoch): when it trained."""
-    stamps = [point["timestamp"] for point in server.metric_history(run, "train/loss")]
+    """When a fold's run logged its first step and its last epoch (ms since 1970): when it trained."""
+    stamps = [point["timestamp"] for key in ("train_step/loss", "train/loss")
+              for point in server.metric_history(run, key)]
     return min(stamps), max(stamps)
 
 

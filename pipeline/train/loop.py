@@ -376,6 +376,8 @@ def fit(task: TrainingTask) -> None:
                 state = checkpoint_state(task, model, optimizer, history, epoch)
             if last:
                 files[HISTORY_FILE] = history_csv(history)
+            if tracker and state is not None:
+                tracker.settle()  # the run's metrics up to this checkpoint in MLflow, unless it is away
         raytrain.report_epoch(metrics, state, files if rank == 0 else None)
 
 
@@ -396,6 +398,8 @@ def save_stopped(task: TrainingTask, model: nn.Module, optimizer: torch.optim.Op
                  "within": {"epoch": epoch, "steps": stopped.steps, "sums": stopped.sums.tolist()}}
         task.console.show(f"{task.label}: stop requested: checkpoint saved after step {stopped.steps} of epoch "
                           f"{epoch + 1}")
+        if task.tracker:
+            task.tracker.settle()
     raytrain.report_epoch({"epoch": epoch, raytrain.STOPPED_AT_STEP: stopped.steps,
                            "steps_per_epoch": schedule.steps_per_epoch}, state, rank_state=random,
                           name=f"checkpoint_epoch{epoch + 1:04d}_step{stopped.steps:06d}")
