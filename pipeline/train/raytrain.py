@@ -196,11 +196,12 @@ def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             state["rank_state"] = torch.load(rank_file, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    if tracker:
-        within = state.get("within")  # saved within an epoch, on a stop request
-        tracker.log_epoch({"resumed_within_epoch": within["epoch"], "resumed_after_step": within["steps"]}
-                          if within else {"resumed_from_epoch": state["epoch"]}, within["epoch"] if within
-                          else state["epoch"])
+    within = state.get("within")  # saved within an epoch, on a stop request
+    if tracker and within:
+        tracker.log_epoch({"resumed_within_epoch": within["epoch"], "resumed_after_step": within["steps"]},
+                          within["epoch"])
+    elif tracker:
+        tracker.log_epoch({"resumed_from_epoch": state["epoch"]}, state["epoch"])
     return state
 
 
