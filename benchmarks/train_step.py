@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/train_step.py --tiny --steps 10        # a few seconds on a CPU
     .venv/bin/python benchmarks/train_step.py --tiny --check-numerics  # bf16 vs float32 losses
     .venv/bin/python benchmarks/train_step.py --tiny --count-ops       # aten ops per step, by phase
+    .venv/bin/python benchmarks/train_step.py --tiny --accum-steps 4   # 4 micro-batches of each batch per step
 
 The step is the training loops' own ``training.TrainStep`` with the stage's task (pipeline/pretrain.py,
 pipeline/finetune.py): forward with every loss, backward, AdamW from ``build_optimizer`` at the peak learning
@@ -15,11 +16,14 @@ label smoothing, drop path 0.1, layer decay), made once in host memory (pinned o
 one to the device as the training loop does (``video_batch.device_batch``: the video is cast, normalised, cropped
 and augmented there), so the figures include that and exclude the data loader (benchmarks/loader.py).
 
-samples/s is batch / median step time over ``--steps`` steps after ``--warmup`` steps, timed with CUDA events on
-a GPU (perf_counter on a CPU). FLOPs per sample are counted by ``torch.utils.flop_counter.FlopCounterMode``
-on one forward + backward on the meta device (where attention decomposes into counted matmuls; on a CPU the
-fused attention kernel is not counted) and checked against ``analytic_flops``. MFU = achieved FLOP/s /
-peak, the peak being a bf16 ``--peak-size``^3 matmul measured in the same run (float32 on a CPU).
+samples/s is batch x micro-batches / median step time over ``--steps`` steps after ``--warmup`` steps, timed with
+CUDA events on a GPU (perf_counter on a CPU). ``--accum-steps A`` makes each step A micro-batches of ``batch``
+(``scaling.accum_steps``: the same per-GPU batch, an A times larger global batch), each moved to the device as the
+loop moves it, one at a time; the peak memory is then that of the micro-batch, the gradients accumulated. FLOPs
+per sample are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward + backward on the meta device
+(where attention decomposes into counted matmuls; on a CPU the fused attention kernel is not counted) and checked
+against ``analytic_flops``. MFU = achieved FLOP/s / peak, the peak being a bf16 ``--peak-size``^3 matmul measured in
+the same run (float32 on a CPU).
 
 ``--count-ops`` times nothing: it counts the aten ops one step dispatches (``pipeline.train.op_count``, a proxy for
 kernel launches that needs no GPU), after one warm-up step, split into the device transforms (``device_batch``),
@@ -40,7 +44,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -123,16 +126,18 @@ def pinned(batch: dict, device: torch.device) -> dict:
 
 @dataclass
 class Step:
-    """One configured training step: ``train(batch)`` trains on a batch already on ``device`` and returns the
-    detached losses; ``run(batch)`` first moves a loader batch there, as the training loop does."""
+    """One configured training step: ``train`` is the loop's ``TrainStep`` (micro-batches already on ``device``,
+    each with ``rng``; returns the detached losses); ``run(batches)`` first moves each loader batch there, one at a
+    time, as the training loop does."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    train: Callable[[dict], torch.Tensor]
+    train: TrainStep
     device: torch.device
+    rng: np.random.Generator
 
-    def run(self, batch: dict) -> torch.Tensor:
-        return self.train(device_batch(batch, self.device))
+    def run(self, batches: list[dict]) -> torch.Tensor:
+        return self.train((device_batch(batch, self.device), self.rng) for batch in batches)
 
 
 def stage_task(stage: str, settings, compile_mode: str, precision: str | None) -> TrainingTask:
@@ -147,7 +152,7 @@ def stage_task(stage: str, settings, compile_mode: str, precision: str | None) -
 
 
 def make_step(stage: str, settings, cfg: HiCMAEConfig, batch: int, device: torch.device, precision: str,
-              fused_adamw: bool | None, compile_mode: str | None, seed: int) -> Step:
+              fused_adamw: bool | None, compile_mode: str | None, seed: int, accum_steps: int = 1) -> Step:
     """The model on ``device`` (seeded init), its optimizer at the peak lr, and the training loops' own step
     (``training.TrainStep``: the stage's losses, compiled in ``compile_mode``, backward, AdamW)."""
     torch.manual_seed(seed)
@@ -155,10 +160,11 @@ def make_step(stage: str, settings, cfg: HiCMAEConfig, batch: int, device: torch
     mode = resolve(compile_mode or "none", device)
     optimizer = build_optimizer(model, settings.optim, fused=fused_adamw,
                                 compiled=mode != "none" and device.type == "cuda")
-    set_lr(optimizer, scaled_lrs(settings.optim, batch)[0])
+    set_lr(optimizer, scaled_lrs(settings.optim, batch * accum_steps)[0])
     task = stage_task(stage, settings, mode, precision)
+    task.accum_steps = accum_steps
     step = TrainStep(task, step_module(task, model, mode), optimizer, mode)
-    return Step(model, optimizer, partial(step, rng=np.random.default_rng(seed)), device)
+    return Step(model, optimizer, step, device, np.random.default_rng(seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +183,7 @@ def counted_flops(stage: str, settings, cfg: HiCMAEConfig, batch: int) -> int:
     step = TrainStep(task, step_module(task, model, "none"), optimizer, "none")
     counter = FlopCounterMode(display=False)
     with counter:
-        step(tensors, rng=np.random.default_rng(0))
+        step([(tensors, np.random.default_rng(0))])
     return counter.get_total_flops()
 
 
@@ -327,6 +333,7 @@ class Options:
     warmup: int
     steps: int
     seed: int
+    accum_steps: int = 1
 
 
 def measure(stage: str, size: str, overrides: dict, batch: int, opts: Options, peak: float) -> dict:
@@ -335,9 +342,10 @@ def measure(stage: str, size: str, overrides: dict, batch: int, opts: Options, p
     cfg = model_config(settings)
     release(opts.device)
     rng = np.random.default_rng(opts.seed)
-    batches = [pinned(loader_batch(stage, cfg, batch, rng), opts.device) for _ in range(2)]
+    accum = opts.accum_steps
+    batches = [[pinned(loader_batch(stage, cfg, batch, rng), opts.device) for _ in range(accum)] for _ in range(2)]
     step = make_step(stage, settings, cfg, batch, opts.device, opts.precision, opts.fused_adamw,
-                     opts.compile_mode, opts.seed)
+                     opts.compile_mode, opts.seed, accum)
     try:
         times = time_steps(step, batches, opts.warmup, opts.steps, opts.device)
         memory = peak_memory_gb(opts.device)
@@ -346,13 +354,14 @@ def measure(stage: str, size: str, overrides: dict, batch: int, opts: Options, p
         release(opts.device)
     median = statistics.median(times)
     flops = counted_flops(stage, settings, cfg, batch) / batch
-    return {"stage": stage, "size": size, "batch": batch, "precision": opts.precision,
+    samples = batch * accum
+    return {"stage": stage, "size": size, "batch": batch, "accum_steps": accum, "precision": opts.precision,
             "compile": opts.compile_mode or "off", "fused_adamw": opts.fused_adamw,
-            "samples_per_s": batch / median, "step_ms": 1000 * median,
+            "samples_per_s": samples / median, "step_ms": 1000 * median,
             "step_ms_p10_p90": [1000 * float(np.percentile(times, q)) for q in (10, 90)],
             "peak_memory_gb": memory, "gflop_per_sample": flops / 1e9,
             "analytic_gflop_per_sample": analytic_flops(stage, cfg, batch) / batch / 1e9,
-            "tflops": flops * batch / median / 1e12, "mfu": flops * batch / median / peak}
+            "tflops": flops * samples / median / 1e12, "mfu": flops * samples / median / peak}
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -384,8 +393,9 @@ def best_batch(stage: str, size: str, overrides: dict, start: int, max_batch: in
 
 
 def print_row(row: dict) -> None:
-    print(f"  {row['stage']:<8} {row['size']:<13} batch {row['batch']:>4}  {row['samples_per_s']:9.1f} samples/s  "
-          f"step {row['step_ms']:8.1f} ms  mem {row['peak_memory_gb']:6.2f} GB  "
+    accum = f" x {row['accum_steps']}" if row.get("accum_steps", 1) > 1 else ""
+    print(f"  {row['stage']:<8} {row['size']:<13} batch {row['batch']:>4}{accum}  "
+          f"{row['samples_per_s']:9.1f} samples/s  step {row['step_ms']:8.1f} ms  mem {row['peak_memory_gb']:6.2f} GB  "
           f"{row['gflop_per_sample']:7.2f} GFLOP/sample  {row['tflops']:7.2f} TFLOP/s  MFU {100 * row['mfu']:5.1f} %",
           flush=True)
 
@@ -400,7 +410,7 @@ def loss_curve(stage: str, size: str, overrides: dict, batch: int, steps: int, p
     torch.manual_seed(seed)  # drop path draws the same way in both runs
     losses = []
     for _ in range(steps):
-        loss = step.run(loader_batch(stage, cfg, batch, rng))
+        loss = step.run([loader_batch(stage, cfg, batch, rng)])
         losses.append(float(loss.reshape(-1)[0]))
     return losses
 
@@ -437,7 +447,7 @@ def count_step_ops(step: Step, batch: dict) -> dict:
         with counter:
             ready = device_batch(batch, step.device)
             marks["transforms"] = counter.ops
-            step.train(ready)
+            step.train([(ready, step.rng)])
     finally:
         for hook in hooks:
             hook.remove()
@@ -455,7 +465,7 @@ def op_count_row(stage: str, size: str, overrides: dict, batch: int, opts: Optio
     fused = opts.fused_adamw is not False
     step = make_step(stage, settings, cfg, batch, opts.device, opts.precision, fused, None, opts.seed)
     for _ in range(opts.warmup):
-        step.run(loaded)
+        step.run([loaded])
     counts = count_step_ops(step, loaded)
     return {"stage": stage, "size": size, "batch": batch, "precision": opts.precision, "fused_adamw": fused,
             **counts}
@@ -503,6 +513,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "graphs, max-autotune)")
     parser.add_argument("--fused-adamw", choices=("auto", "on", "off"), default="auto",
                         help="auto: fused on GPU, as the training loops")
+    parser.add_argument("--accum-steps", type=int, default=1,
+                        help="micro-batches of the batch per step (scaling.accum_steps: gradient accumulation)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--peak-size", type=int, default=8192 if cuda else 1024, help="matmul side for the peak")
@@ -551,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
                 result["op_counts"].append(row)
     else:
         opts = Options(device, args.dtype, {"auto": None, "on": True, "off": False}[args.fused_adamw],
-                       args.compile, args.warmup, args.steps, args.seed)
+                       args.compile, args.warmup, args.steps, args.seed, args.accum_steps)
         peak = matmul_peak(device, args.peak_size)
         result["peak_tflops"] = peak / 1e12
         result["peak_dtype"] = "bf16" if device.type == "cuda" else "float32"

@@ -75,28 +75,33 @@ def loader_batches(stage: str, count: int) -> list[dict]:
     return batches
 
 
-def run_steps(task, batches: list[dict]) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
-    """The task's TrainStep over ``batches`` from a seeded init: each step's loss and gradients."""
+def run_steps(task, batches: list[dict], accum: int = 1) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    """The task's TrainStep over ``batches`` from a seeded init, ``accum`` of them a step (its micro-batches): each
+    step's loss and gradients."""
     torch.manual_seed(0)
+    task.accum_steps = accum
     net = task.build_model(0)
     optimizer = build_optimizer(net, task.settings.optim)
     step = TrainStep(task, step_module(task, net, task.compile_mode), optimizer, task.compile_mode)
     rng = np.random.default_rng(1)
     losses, grads = [], []
-    for index, batch in enumerate(batches):
+    for index in range(len(batches) // accum):
         set_lr(optimizer, 1e-3 * (index + 1) / len(batches))  # a schedule: a new lr every step
-        losses.append(float(step(device_batch(batch, CPU), rng)[0]))
+        micro = batches[index * accum:(index + 1) * accum]
+        losses.append(float(step((device_batch(batch, CPU), rng) for batch in micro)[0]))
         grads.append({name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None})
     return losses, grads
 
 
+@pytest.mark.parametrize("accum", [1, 2], ids=["one batch a step", "2 micro-batches a step"])
 @pytest.mark.parametrize("make_task, stage", [(pretrain_task, "pretrain"), (finetune_task, "finetune")])
-def test_compiled_step_equals_eager_and_is_one_graph(make_task, stage):
-    batches = loader_batches(stage, STEPS)
-    eager_losses, eager_grads = run_steps(make_task("none"), batches)
-    losses, grads = run_steps(make_task("default"), batches)
+def test_compiled_step_equals_eager_and_is_one_graph(make_task, stage, accum):
+    batches = loader_batches(stage, STEPS * accum)
+    eager_losses, eager_grads = run_steps(make_task("none"), batches, accum)
+    losses, grads = run_steps(make_task("default"), batches, accum)
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] == 1  # the forward with every loss (its backward comes with it)
+    assert len(losses) == STEPS  # each micro-batch through the same graph: no recompile
     np.testing.assert_allclose(losses, eager_losses, rtol=LOSS_RTOL)
     for step_grads, eager in zip(grads, eager_grads, strict=True):
         assert step_grads.keys() == eager.keys()

@@ -111,21 +111,21 @@ def assert_same(state: dict, expected: dict) -> None:
 def test_a_non_finite_step_is_skipped_as_if_its_batch_never_came(mode, update, bad):
     rng = None  # the tiny task draws nothing on the host
     model, optimizer, step = make_step(mode, update, clip_grad=1.0 if bad == "grad" else None)
-    step(batch(0, bad), rng)  # the very first step, before AdamW has any state
+    step([(batch(0, bad), rng)])  # the very first step, before AdamW has any state
     assert bool(step.skipped.last)
-    step(batch(1), rng)
+    step([(batch(1), rng)])
     before = snapshot(model, optimizer)
-    losses = step(batch(2, bad), rng)
+    losses = step([(batch(2, bad), rng)])
     assert bool(step.skipped.last) and int(step.skipped.run) == 1
     assert not torch.isfinite(losses).all() if bad == "loss" else torch.isfinite(losses).all()
     assert_same(snapshot(model, optimizer), before)  # weights, moments and step counts untouched
-    step(batch(3), rng)
+    step([(batch(3), rng)])
     assert not bool(step.skipped.last) and int(step.skipped.run) == 0
 
     reference_model, reference_optimizer, reference = make_step(mode, update,
                                                                 clip_grad=1.0 if bad == "grad" else None)
-    reference(batch(1), rng)
-    reference(batch(3), rng)
+    reference([(batch(1), rng)])
+    reference([(batch(3), rng)])
     assert_same(snapshot(model, optimizer), snapshot(reference_model, reference_optimizer))
     assert [float(group_state["step"]) for group_state in optimizer.state_dict()["state"].values()] == [2.0] * 6
     if update == "graph":  # the update stays one graph, whatever it decides
@@ -145,7 +145,7 @@ def epoch_of(step: TrainStep, optimizer, batches: list[dict], epoch: int, consol
     monkeypatch.setattr(loop, "device_batch", lambda batch, device: batch)
     schedule = LrSchedule(len(batches), 10 * len(batches), 0, LR, LR)
     progress = SimpleNamespace(step=lambda *args: None, console=console, label="tiny", epochs=10)
-    return train_one_epoch(step.net, optimizer, batches, step=lambda batch: step(batch, None), epoch=epoch,
+    return train_one_epoch(step.net, optimizer, [batches], step=step, epoch=epoch,
                            schedule=schedule, loss_names=("loss",), device=torch.device("cpu"), global_batch=4,
                            progress=progress)
 

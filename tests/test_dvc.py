@@ -126,15 +126,17 @@ def test_repro_is_incremental_and_only_result_params_put_stages_out_of_date(team
     assert set(json.loads(project.dvc("status", "--json"))) == {f"finetune@{DATASET}"}
     project.run("git", "checkout", "params.yaml")
 
-    # 4. How a stage runs (CPUs, loader processes, retries, folds at once) changes nothing; the global batch does.
+    # 4. How a stage runs (CPUs, loader processes, retries, folds at once) changes nothing; the global batch (workers,
+    #    micro-batches) does.
     assert set(RUN_ONLY) == set(ScalingSettings.model_fields) - set(RESULT_FIELDS)
     for key, value in RUN_ONLY.items():
         project.edit_params(lambda tree, key=key, value=value: tree["scaling"].update({key: value}))
         assert json.loads(project.dvc("status", "--json")) == {}, key
         project.run("git", "checkout", "params.yaml")
-    project.edit_params(lambda tree: tree["scaling"].update(num_workers=2))
-    assert set(json.loads(project.dvc("status", "--json"))) == {"pretrain", f"finetune@{DATASET}"}
-    project.run("git", "checkout", "params.yaml")
+    for key in ("num_workers", "accum_steps"):
+        project.edit_params(lambda tree, key=key: tree["scaling"].update({key: 2}))
+        assert set(json.loads(project.dvc("status", "--json"))) == {"pretrain", f"finetune@{DATASET}"}, key
+        project.run("git", "checkout", "params.yaml")
 
 
 @pytest.mark.system

@@ -16,10 +16,10 @@ import pytest
 from pipeline.config.params import ScalingSettings
 from pipeline.config.training import FinetuneSettings, PretrainSettings
 from pipeline.data.loaders import clip_catalog, verified_shards
-from pipeline.data.sampling import GlobalBatchSampler, epoch_shards
+from pipeline.data.sampling import GlobalBatchSampler, epoch_shards, micro_batch_ranks
 from pipeline.train.finetune import fold_config
 from pipeline.train.finetune_fold import FinetuneTask
-from pipeline.train.loop import run_options
+from pipeline.train.loop import batches, run_options
 from pipeline.train.pretrain import PretrainTask, pretrain_config
 from preprocessing.fbank import NORM_MEAN, NORM_STD
 from preprocessing.manifest import ClipRecord, DatasetInfo
@@ -62,15 +62,13 @@ def finetune_loader(info, clips, shards, *, rank: int, world_size: int, batch: i
     split = {"train": [c.clip_id for c in clips if c.fold != 1], "val": [], "test": []}
     task = FinetuneTask(fold_config(settings, info, 1, split, clip_catalog(shards), None,
                                     run_options(ScalingSettings(loader_workers=loader_workers))))
-    task.rank, task.world_size = rank, world_size  # as training.fit sets them
-    return task.train_data()
+    return task.train_data(rank, world_size)
 
 
 def pretrain_loader(shards, *, rank: int, world_size: int, loader_workers: int = 0):
     settings = PretrainSettings(batch_size=BATCH, model={"size": "hicmae_test"})
     task = PretrainTask(pretrain_config(settings, shards, run_options(ScalingSettings(loader_workers=loader_workers))))
-    task.rank, task.world_size = rank, world_size
-    return task.train_data()
+    return task.train_data(rank, world_size)
 
 
 def epoch_batches(data, epoch: int) -> list[list[int]]:
@@ -151,6 +149,44 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
     sampler = samplers[1][0]
     orders = [(sampler.set_epoch(epoch), list(sampler))[1] for epoch in (0, 1, 0)]
     assert orders[0] != orders[1] and orders[0] == orders[2]
+
+
+def global_steps(make_loader, workers: int, accum: int, epoch: int) -> list[list[list[int]]]:
+    """Every step of an epoch as the loops read it with ``workers`` x ``accum`` micro-batches: per step, the clips of
+    each micro-batch in the order worker 0's, then worker 1's, ... (``loop.fit``: ``micro_batch_ranks``)."""
+    streams = [make_loader(rank=virtual, world_size=workers * accum)
+               for rank in range(workers) for virtual in micro_batch_ranks(rank, accum)]
+    for data in streams:
+        data.set_epoch(epoch)
+    read = [[clip_numbers(batch) for batch in batches(data.loader, data.steps_per_epoch)] for data in streams]
+    return [list(micro) for micro in zip(*read, strict=True)]
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_the_clips_of_every_global_step_do_not_depend_on_its_split_into_workers_and_micro_batches(dataset, stage):
+    """Global batch 16 of a label-sorted dataset: 4 workers x 1 micro-batch, 2 x 2 and 1 x 4 read the same clips in
+    every step, micro-batch m of worker r those of rank 2r + m (of r + m, 4r + m) of 4 ranks; fine-tuning's are also
+    those of 1 x 1 with a batch of 16."""
+    info, clips, shards = dataset
+    if stage == "finetune":
+        def make(rank, world_size):
+            return finetune_loader(info, clips, shards, rank=rank, world_size=world_size, batch=16 // world_size)
+    else:
+        def make(rank, world_size):  # pre-training's batch is BATCH: 4 ranks' micro-batches of 8, global 32
+            return pretrain_loader(shards, rank=rank, world_size=world_size)
+    for epoch in (0, 1):
+        splits = {(workers, accum): global_steps(make, workers, accum, epoch)
+                  for workers, accum in ((4, 1), (2, 2), (1, 4))}
+        reference = splits[4, 1]
+        assert len(reference) >= 4 and all(len(step) == 4 for step in reference)
+        for split, steps in splits.items():
+            assert steps == reference, split  # the same micro-batches, the same clips in the same order
+        if stage == "finetune":  # (pre-training: a rank dealt fewer shards reads some again to keep in step)
+            read = [n for step in reference for micro in step for n in micro]
+            assert len(read) == len(set(read))  # no clip twice in an epoch
+            whole = global_steps(lambda rank, world_size: finetune_loader(info, clips, shards, rank=rank,
+                                                                          world_size=world_size, batch=16), 1, 1, epoch)
+            assert [sorted(sum(step, [])) for step in reference] == [sorted(step[0]) for step in whole]
 
 
 def test_pretraining_ranks_read_disjoint_shards_that_change_every_epoch():

@@ -60,14 +60,20 @@ class ScalingSettings(Strict):
     """How the stages run on the Ray cluster: the Ray Train workers of each training run, their CPUs, loader
     processes and retries, the folds trained at once, and the preprocessing workers.
 
-    Only ``RESULT_FIELDS`` change what a stage computes: the number of workers sets the global batch (and the
-    learning rate with it), ``use_gpu`` the device and its precision (bf16 on a GPU), ``compile`` the kernels
-    (compiled ones round differently from eager ones, within a tolerance). The others change how fast or
+    Only ``RESULT_FIELDS`` change what a stage computes: the numbers of workers and of micro-batches set the global
+    batch (and the learning rate with it), ``use_gpu`` the device and its precision (bf16 on a GPU), ``compile`` the
+    kernels (compiled ones round differently from eager ones, within a tolerance). A run of W workers x A micro-batches
+    computes what W x A workers would, within float32 rounding (the gradients are summed in another order), so the
+    stage runs again when either changes. The others change how fast or
     how safely a stage runs, never its result, so no DVC stage depends on them (``dvc.yaml`` lists the result
     fields one by one; tests/test_wiring.py checks it against this class).
     """
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) of each training run")
+    accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step on each worker (gradient "
+                             "accumulation): the global batch is batch_size x num_workers x accum_steps, and "
+                             "micro-batch m of worker r computes what worker r x accum_steps + m of a run with that "
+                             "many workers would (its clips, random draws, contrastive negatives, Mixup partners)")
     use_gpu: bool = Field(False, description="one GPU per training worker (NCCL, bf16 autocast)")
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
         "auto", description="torch.compile of the training step and of evaluation (pipeline/compiled.py): "
@@ -109,7 +115,8 @@ class ProgressSettings(Strict):
                                         "points (train_step/*); None: about 20 an epoch")
 
 
-RESULT_FIELDS = ("num_workers", "use_gpu", "compile")  # the fields of ScalingSettings that change a result
+# the fields of ScalingSettings that change a result
+RESULT_FIELDS = ("num_workers", "accum_steps", "use_gpu", "compile")
 
 
 class DataParams(Strict):

@@ -11,6 +11,11 @@ at epoch e reads exactly what the uninterrupted run would have. Evaluation: ``ra
 Pre-training (large sets, streamed): ``epoch_shards``. Every epoch all shards in a new permutation of
 (seed, epoch), dealt to the ranks x loader workers, so each rank reads a different set of whole shards each
 epoch, sequentially; ``data.ClipStream`` then mixes their clips through a buffer.
+
+Micro-batches (``scaling.accum_steps``): a worker's micro-batch m reads what rank ``r * accum_steps + m`` of a run
+with ``world_size * accum_steps`` ranks reads (``micro_batch_ranks``), so the clips of every global step are the
+same for any split of the global batch into workers and micro-batches (for fine-tuning, for any global batch
+split at all; for pre-training, whose shards are dealt to ranks, for the same ranks x micro-batches).
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class GlobalBatchSampler:
         first = self.rank * self.batch_size
         for batch in self.global_batches():
             yield batch[first:first + self.batch_size].tolist()
+
+
+def micro_batch_ranks(rank: int, accum_steps: int) -> list[int]:
+    """The ranks, in a run of ``world_size * accum_steps`` ranks, whose data worker ``rank``'s micro-batches read:
+    micro-batch m reads rank ``rank * accum_steps + m``'s."""
+    return [rank * accum_steps + micro for micro in range(accum_steps)]
 
 
 def rank_share(items: Sequence, rank: int, world_size: int) -> list:

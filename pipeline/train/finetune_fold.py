@@ -88,13 +88,13 @@ class FinetuneTask(TrainingTask):
                 self.console.detail(report.summary(limit=None))
         return model
 
-    def train_data(self):
+    def train_data(self, rank: int, world_size: int) -> TrainData:
         settings = self.settings
         examples = partial(finetune_train_examples, window=settings.window, augment=settings.augment,
                            seed=settings.seed)
         dataset = ClipDataset([self.clips[c] for c in self.split["train"]], examples)
-        sampler = GlobalBatchSampler(num_clips=len(dataset), batch_size=settings.batch_size, rank=self.rank,
-                                     world_size=self.world_size, seed=settings.seed)
+        sampler = GlobalBatchSampler(num_clips=len(dataset), batch_size=settings.batch_size, rank=rank,
+                                     world_size=world_size, seed=settings.seed)
         def set_epoch(epoch: int) -> None:  # the epoch's permutation, and its windows and augmentations
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)

@@ -56,14 +56,14 @@ class PretrainTask(TrainingTask):
     def build_model(self, rank: int) -> HiCMAEPretrain:
         return HiCMAEPretrain(self.settings.model.build_config())
 
-    def train_data(self) -> TrainData:
+    def train_data(self, rank: int, world_size: int) -> TrainData:
         settings = self.settings
         examples = partial(pretrain_examples, window=settings.window, cfg=settings.model.build_config(),
                            seed=settings.seed)
-        dataset = ClipStream(self.config["shards"], examples, rank=self.rank, world_size=self.world_size,
+        dataset = ClipStream(self.config["shards"], examples, rank=rank, world_size=world_size,
                              shuffle_buffer=settings.shuffle_buffer, seed=settings.seed)
         loader = stream_loader(dataset, settings.batch_size, self.config["loader_workers"])
-        steps = steps_per_epoch(self.config["num_clips"], settings.batch_size, self.world_size)
+        steps = steps_per_epoch(self.config["num_clips"], settings.batch_size, world_size)
         return TrainData(loader, steps, dataset.set_epoch)
 
     def losses(self, net, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -206,7 +206,7 @@ def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def report_epoch(metrics: dict, state: dict | None, files: dict[str, bytes] | None = None,
-                 rank_state: dict | None = None, name: str | None = None) -> None:
+                 rank_state: list[dict] | None = None, name: str | None = None) -> None:
     """Report metrics from every rank (every rank calls it as often). Rank 0's ``state`` (and result ``files``)
     make the checkpoint; a checkpoint within an epoch adds every rank's ``rank_state`` (its random states), which
     Ray Train merges into the same folder, ``name`` (the same on every rank).
