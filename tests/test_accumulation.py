@@ -31,6 +31,7 @@ import torch
 from pipeline.config.params import ProgressSettings, ScalingSettings
 from pipeline.config.training import FinetuneSettings, PretrainSettings
 from pipeline.data.loaders import clip_catalog, verified_shards
+from pipeline.tracking import RunLogger
 from pipeline.train import raytrain
 from pipeline.train.finetune import fold_config, fold_splits
 from pipeline.train.finetune_fold import finetune_worker
@@ -38,7 +39,6 @@ from pipeline.train.loop import run_options
 from pipeline.train.preemption import Preempted
 from pipeline.train.pretrain import pretrain_config, pretrain_worker
 from pipeline.train.resume import run_inputs
-from pipeline.tracking import RunLogger
 from preprocessing.manifest import read_manifest
 
 pytestmark = pytest.mark.system
