@@ -42,3 +42,5 @@ run numerics 70 benchmarks/train_step.py --sizes hicmae_base --check-numerics
 run jpeg 40 benchmarks/jpeg_decode.py
 run step-best 110 benchmarks/train_step.py --sizes hicmae_base --stages pretrain --best-batch --warmup 3 --steps 10
 run step-compile 240 benchmarks/train_step.py --sizes hicmae_base --compile --warmup 5 --steps 20
+# the paper's global batches on one GPU: 4 micro-batches of the reference's per-GPU batch (scaling.accum_steps)
+run step-accum 120 benchmarks/train_step.py --sizes hicmae_base --accum-steps 4 --warmup 3 --steps 10
