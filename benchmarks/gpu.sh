@@ -44,3 +44,5 @@ run step-best 110 benchmarks/train_step.py --sizes hicmae_base --stages pretrain
 run step-compile 240 benchmarks/train_step.py --sizes hicmae_base --compile --warmup 5 --steps 20
 # the paper's global batches on one GPU: 4 micro-batches of the reference's per-GPU batch (scaling.accum_steps)
 run step-accum 120 benchmarks/train_step.py --sizes hicmae_base --accum-steps 4 --warmup 3 --steps 10
+run step-accum-graphs 240 benchmarks/train_step.py --sizes hicmae_base --accum-steps 4 --compile reduce-overhead \
+    --warmup 5 --steps 10

@@ -282,7 +282,8 @@ class TrainStep:
                 (loss / count if count > 1 else loss).backward()  # a power of two divides exactly
             ok = torch.isfinite(loss.detach())
             finite = ok if finite is None else finite & ok
-            reported = losses.detach() if reported is None else reported
+            if reported is None:  # a copy when more follow: a CUDA graph's next replay reuses its outputs' memory
+                reported = losses.detach().clone() if count > 1 else losses.detach()
         self.skipped.add(self.update(self.agreed(finite)))
         return reported
 
