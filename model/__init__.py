@@ -6,7 +6,13 @@
     logits = net(video, audio)        # video (B, 3, 16, 160, 160), audio (B, 1, 256, 128)
 """
 
-from .checkpoint import LoadReport, config_overrides_from_reference, load_reference_weights, read_checkpoint
+from .checkpoint import (
+    LoadReport,
+    config_overrides_from_reference,
+    load_reference_weights,
+    load_weights_strictly,
+    read_checkpoint,
+)
 from .config import ARCHITECTURE_FIELDS, SIZES, HiCMAEConfig, get_config
 from .finetune import FinetuneFeatures, HiCMAEClassifier
 from .masking import random_mask, tube_mask
@@ -32,5 +38,6 @@ __all__ = [
     "HiCMAEConfig", "SIZES", "ARCHITECTURE_FIELDS", "get_config", "HiCMAEPretrain", "PretrainOutput",
     "HiCMAEClassifier",
     "FinetuneFeatures", "create_pretrain_model", "create_finetune_model", "load_reference_weights",
-    "read_checkpoint", "LoadReport", "config_overrides_from_reference", "tube_mask", "random_mask", "count_parameters",
+    "load_weights_strictly", "read_checkpoint", "LoadReport", "config_overrides_from_reference", "tube_mask",
+    "random_mask", "count_parameters",
 ]

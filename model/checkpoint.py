@@ -78,31 +78,51 @@ def extract_state_dict(checkpoint: dict, source: str = "checkpoint") -> dict[str
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_reference_weights(module: nn.Module, state_dict_or_path: dict | str | os.PathLike) -> LoadReport:
-    """Copy every tensor whose name and shape match into ``module`` (not strict, as the reference driver).
-
-    Accepts a state dict, a checkpoint dict with a 'model' entry, or a path to either. Pre-training
-    checkpoints load into fine-tuning models (decoders and mask tokens are reported as unexpected); a head
-    of another class count is reported as a shape mismatch and keeps its init. Raises if nothing matches.
-    """
-    if isinstance(state_dict_or_path, dict):
-        source, checkpoint = "state dict", state_dict_or_path
-    else:
-        source, checkpoint = str(state_dict_or_path), read_checkpoint(state_dict_or_path)
-    state = extract_state_dict(checkpoint, source)
-
+def compare_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """What loading ``state`` into ``module`` by name and shape finds: the tensors that fit (``loaded``), the
+    module's tensors ``state`` lacks, those it has no place for, and those of another shape."""
     own = module.state_dict()
     report = LoadReport(source=source)
-    usable = {}
     for key, tensor in state.items():
         if key not in own:
             report.unexpected.append(key)
         elif own[key].shape != tensor.shape:
             report.shape_mismatch.append(f"{key} {tuple(tensor.shape)} vs {tuple(own[key].shape)}")
         else:
-            usable[key] = tensor
-    report.loaded = list(usable)
-    report.missing = [key for key in own if key not in usable and key not in state]
+            report.loaded.append(key)
+    report.missing = [key for key in own if key not in state]
+    return report
+
+
+def load_weights_strictly(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """Load ``state`` into ``module``, every tensor of both by name and shape; else a ValueError naming ``source``
+    and the tensors that are missing, unexpected (e.g. renamed) or of another shape. No layer keeps its init."""
+    report = compare_state(module, state, source)
+    problems = [f"{len(keys)} {label.split(' (')[0]}: {', '.join(keys[:8])}" + (" ..." if len(keys) > 8 else "")
+                for label, keys in report.kinds() if keys]
+    if problems:
+        raise ValueError(f"{source}: does not fit a {type(module).__name__} of these settings ({'; '.join(problems)})")
+    module.load_state_dict(state)
+    return report
+
+
+def load_reference_weights(module: nn.Module, state_dict_or_path: dict | str | os.PathLike,
+                           source: str | None = None) -> LoadReport:
+    """Copy every tensor whose name and shape match into ``module`` (not strict, as the reference driver).
+
+    Accepts a state dict, a checkpoint dict with a 'model' entry, or a path to either (``source`` names a dict in
+    the report). Pre-training checkpoints load into fine-tuning models (decoders and mask tokens are reported as
+    unexpected); a head of another class count is reported as a shape mismatch and keeps its init. Raises if
+    nothing matches.
+    """
+    if isinstance(state_dict_or_path, dict):
+        source, checkpoint = source or "state dict", state_dict_or_path
+    else:
+        source, checkpoint = source or str(state_dict_or_path), read_checkpoint(state_dict_or_path)
+    state = extract_state_dict(checkpoint, source)
+
+    report = compare_state(module, state, source)
+    usable = {key: state[key] for key in report.loaded}
     if not usable:
         raise ValueError(f"{source}: none of its {len(state)} tensors match the model "
                          f"(first keys: {', '.join(list(state)[:5])}); is it a HiCMAE checkpoint?")

@@ -8,6 +8,7 @@
     hicmae predict VIDEO --model runs/demo/finetune/fold-1/model [--out r.json] [--preview p.png|p.mp4]
     hicmae predict VIDEO|FOLDER|LIST ... --model M --out predictions.csv [--embeddings e.parquet]   (Ray Data)
     hicmae export --dataset demo --fold 1   (a fold's newest fine-tuning checkpoint, e.g. unfinished)
+    hicmae verify runs/demo/finetune/fold-1/model   (its card's test metrics computed again; models:/... too)
     hicmae ablations [--run | --queue] [NAME ...]   (conf/ablations.yaml as DVC experiments)
 
 Every command reads ``params.yaml`` (``--params`` for another file) and applies ``--set key=value`` overrides.
@@ -45,6 +46,7 @@ COMMANDS = {
     "report": ("pipeline.report", "stage_report"),
     "predict": ("pipeline.predict.many", "predict_many_command"),
     "export": ("pipeline.train.export", "export_command"),
+    "verify": ("pipeline.train.verify", "verify_command"),
     "ablations": ("pipeline.ablations", "ablations_command"),
 }
 STAGES = ("manifest", "preprocess", "pretrain", "finetune", "report")
@@ -68,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="VIDEO",
                          help="video files, folders (searched recursively) or clip lists (.csv, .jsonl: a path column)")
     predict.add_argument("--model", required=True,
-                         help="an exported model (folder or .safetensors) or a reference fine-tuned .pth")
+                         help="an exported model (folder or .safetensors), a Hugging Face Hub repo id "
+                              "(org/name[@revision]), a registered model (models:/hicmae-<dataset>@best, "
+                              "models:/<name>/<version>) or a reference fine-tuned .pth")
     predict.add_argument("--out", help="one video: its result JSON (default: <video name>.prediction.json here); "
                                        "many: the table, .csv with a .jsonl beside it (re-running it resumes)")
     predict.add_argument("--preview", help="one video: also write frames with the face box and label: .png or .mp4")
@@ -83,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--targets", help="reference .pth of a regression model: target names in order")
     predict.add_argument("--device", help="cpu or cuda (one video, default cpu), or auto (many: GPUs where the Ray "
                                           "cluster has them; the default)")
+    verify = commands.add_parser("verify", help="compute a fine-tuned model's test metrics again and compare them "
+                                                "with its card (exit status 1 when they do not hold)")
+    verify.add_argument("model", help="an exported model (folder, .safetensors, Hub repo id, models:/ URI)")
+    verify.add_argument("--device", help="cpu (default: the numbers must be exact where they were recorded on a "
+                                         "CPU) or cuda (within a tolerance)")
     export = commands.add_parser("export", help="export a fine-tuning checkpoint (safetensors + model card)")
     export.add_argument("--dataset", required=True)
     export.add_argument("--fold", type=int, help="export the newest Ray checkpoint of this fold's fine-tuning")

@@ -50,6 +50,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if loud else "WARNING")  # read when mlflow is imported
     if not loud:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the stage shows its run's URL
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # logging a model downloads its files
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # as Ray's default, said aloud: no notice at every start
     for name in ("mlflow", "alembic", "urllib3", "filelock"):

@@ -5,7 +5,8 @@ Under the work root (the project, or ``$HICMAE_WORKDIR`` when set, e.g. a folder
     data/<dataset>/manifest.jsonl, manifest.info.json   the adapter's manifest
     data/<dataset>/processed/                           shards/, units/, status.jsonl, summary.json (preprocessing)
     data/<dataset>/preprocess_summary.json              a copy of summary.json: the stage's DVC metric
-    runs/pretrain/                                      checkpoint.pt, metrics.json, history.csv
+    runs/pretrain/                                      checkpoint.pt, metrics.json, history.csv, model/ (the
+                                                        whole pre-training model exported, the Hub's layout)
     runs/<dataset>/metrics.json                         fold mean and std of the test metrics (last and best epoch)
     runs/<dataset>/finetune/                            info.json, plots/, and per test fold k:
     runs/<dataset>/finetune/fold-k/                     test_metrics.json, predictions_{last,best}.csv, history.csv,
@@ -13,6 +14,7 @@ Under the work root (the project, or ``$HICMAE_WORKDIR`` when set, e.g. a folder
     reports/                                            results.{md,json}, plots/, curves/ (pipeline/report.py)
     ray_results/                                        Ray Train's run folders (checkpoints while training)
     .cache/media-hashes/<dataset>.json                  the manifest stage's file hashes by size and mtime
+    .cache/registered-models/<model id>/                registered models downloaded from MLflow (``registry``)
 
 What DVC tracks (data/, runs/, reports/) holds results only; what a run did and how long it took goes to MLflow.
 
@@ -116,6 +118,11 @@ class PretrainRun:
     def history(self) -> Path:
         return self.folder / HISTORY_FILE
 
+    @property
+    def model(self) -> Path:
+        """The pre-training model exported (``pipeline.train.export.export_pretrained``)."""
+        return self.folder / "model"
+
 
 @dataclass(frozen=True)
 class FoldRun:
@@ -208,6 +215,11 @@ class Layout:
     def log_file(self, command: str, dataset: str | None = None) -> Path:
         """The log of a stage's last run (``pipeline.console``; not an output): ``logs/<command>[-<dataset>].log``."""
         return self.root / "logs" / (f"{command}-{dataset}.log" if dataset else f"{command}.log")
+
+    def registered_model(self, model_id: str) -> Path:
+        """Where a model of MLflow's Model Registry is kept once downloaded (``pipeline.registry``; not an output), by
+        the id of the logged model a version points at (unique across tracking stores)."""
+        return self.root / ".cache" / "registered-models" / model_id
 
     def media_hash_cache(self, dataset: str) -> Path:
         """Where the manifest stage remembers the sha256 of a dataset's media files (not an output)."""

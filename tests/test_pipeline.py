@@ -16,12 +16,15 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from demo_run import EPOCHS, FOLDS, hicmae, is_loopback
 from matplotlib.image import imread
 
+from pipeline.train.export import init_weights
+
 pytestmark = pytest.mark.system
 
-MAX_LINES = 45  # the console of the five stages, besides the progress lines within epochs
+MAX_LINES = 47  # the console of the five stages, besides the progress lines within epochs (2: models registered)
 STEPS = {"pretrain demo": 3, "demo fold 1": 2, "demo fold 2": 2}  # per epoch: 15 clips / 4, 9 training clips / 4
 NOISE = ("Checkpoint successfully created", "Reporting training result", "TrainController", "RayTrainWorker",
          "Requesting resources", "loaded 162 tensors from", "missing (kept their init):", "constructor arguments",
@@ -42,6 +45,8 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(demo_run, mlflow_serve
     summary = json.loads((workdir / "data/demo/processed/summary.json").read_text())
     assert summary["ok"] == 15
     assert (workdir / "runs/pretrain/checkpoint.pt").is_file()
+    exported, saved = (init_weights(workdir / "runs/pretrain" / name) for name in ("model", "checkpoint.pt"))
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)  # the same
     metrics = json.loads((workdir / "runs/demo/metrics.json").read_text())
     assert metrics["folds"] == [1, 2] and "war_mean" in metrics["best"] and "uar_std" in metrics["last"]
     for fold in (1, 2):
@@ -99,6 +104,8 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(demo_run, mlflow_serve
         assert inputs(child) == inputs(parent)
         assert child["info"]["status"] == "FINISHED"
         assert "test/war" in {m["key"] for m in child["data"]["metrics"]}
+        [version] = registered_from(mlflow_server, child)  # the fold's model, logged and registered in its run
+        assert version["name"] == "hicmae-demo" and {"key": "fold", "value": str(fold)} in version["tags"]
         history = mlflow_server.get("metrics/get-history", run_id=child["info"]["run_id"], metric_key="train/loss")
         assert [m["step"] for m in history["metrics"]] == [0, 1]
     artifacts = mlflow_server.get("artifacts/list", run_id=parent["info"]["run_id"], path="plots")
@@ -114,8 +121,16 @@ def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(demo_run, mlflow_serve
         assert all(began <= int(point["timestamp"]) <= ended for point in steps), (name, steps)  # real time, not 0
     files = mlflow_server.get("artifacts/list", run_id=parent["info"]["run_id"])["files"]
     assert "finetune-demo.log" in {item["path"] for item in files}
+    assert [version["name"] for version in registered_from(mlflow_server, by_name["pretrain-demo"])] == [
+        "hicmae-pretrain-demo"]
     log = (workdir / "logs" / "finetune-demo.log").read_text()
     assert "tensors loaded" in log and "missing" in log and "unexpected" in log  # the checkpoint's names, here
+
+
+def registered_from(server, run: dict) -> list[dict]:
+    """The Model Registry's versions of models logged in ``run`` (``pipeline.registry``)."""
+    found = server.get("model-versions/search", filter=f"run_id = '{run['info']['run_id']}'")
+    return found.get("model_versions", [])
 
 
 def check_console(console: list[str]) -> None:

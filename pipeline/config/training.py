@@ -77,12 +77,16 @@ class PretrainSettings(Strict):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(40, ge=1, description="per worker")
     shuffle_buffer: int = Field(256, ge=0, description="clips each loader worker mixes, still packed (JPEG)")
+    init: str = Field("none", description="'none', or the weights to go on from: an exported pre-training folder "
+                      "(e.g. a copy of runs/pretrain/model), a Hugging Face Hub repo id (org/name[@revision]) or a "
+                      "checkpoint file")
     seed: int = 0
 
 
 class FinetuneSettings(Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
-    init: str = Field("pretrain", description="'pretrain' (this pipeline's checkpoint), 'none', or a file path")
+    init: str = Field("pretrain", description="'pretrain' (this pipeline's checkpoint), 'none', an exported folder "
+                      "(e.g. runs/pretrain/model), a Hugging Face Hub repo id (org/name[@revision]) or a file path")
     window: WindowSettings = Field(default_factory=WindowSettings)
     optim: OptimSettings = Field(default_factory=lambda: OptimSettings(layer_decay=0.75))
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -50,7 +50,7 @@ from preprocessing.shards import ClipSample
 
 from ..config.training import WindowSettings
 from ..data.video_batch import GEOMETRY, VIDEO
-from ..train.export import output_names
+from ..train.export import locate_exported, output_names
 from .inputs import VideoInput, collect_inputs
 from .table import EMBEDDINGS, TABLE_SUFFIXES, PredictionTable, table_paths
 from .video import (
@@ -279,6 +279,7 @@ def predict_into_table(inputs: list, model: str | Path, out: str | Path | None, 
     items = list(inputs) if vetted else collect_inputs(inputs)
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device {device!r}: auto, cpu or cuda")
+    model = locate_exported(model)  # a repo id or registered model fetched once: every actor loads the same files
     _, card = load_model(model, **options)  # a model that cannot be used fails here, before Ray starts
     table = PredictionTable.open(out, embeddings, names=output_names(card), model=model_identity(model, card))
     todo = [item for item in items if not table.done(item.key())]

@@ -1,6 +1,7 @@
 """The emotion in one video file: the face track, per-window and clip-level predictions, and a preview.
 
     hicmae predict clip.mp4 --model runs/demo/finetune/fold-1/model --out result.json --preview preview.png
+    hicmae predict clip.mp4 --model org/hicmae-crema-d[@revision]        # a Hugging Face Hub repo id
     hicmae predict clip.mp4 --model crema-d-fold1.pth --size hicmae_base --classes crema-d
     hicmae predict clip.mp4 --model ... --embeddings clip.parquet     # also the clip's embeddings
 
@@ -15,8 +16,9 @@ log-mel) and ``finetune_eval_examples`` (windows of 16 frames every 4th with the
 evaluation transform). The windows cover the whole clip, spread evenly from its first to its last frame
 (overlapping when the clip is not a whole number of windows long); the clip-level prediction is their mean.
 
-A model is an exported folder (``pipeline.train.export``) or a reference fine-tuned checkpoint (``.pth``: a dict with
-'model' and usually 'args'), which needs the size and the dataset's class (or target) order to be given.
+A model is an exported folder, its ``.safetensors`` file or a Hub repo id (``pipeline.train.export.load_exported``),
+or a reference fine-tuned checkpoint (``.pth``: a dict with 'model' and usually 'args'), which needs the size and the
+dataset's class (or target) order to be given.
 """
 
 from __future__ import annotations
@@ -59,12 +61,12 @@ BATCH_SIZE = 8
 
 def load_model(path: str | Path, size: str | None = None, classes: list[str] | None = None,
                targets: list[str] | None = None, device: str = "cpu") -> tuple[HiCMAEClassifier, dict]:
-    """An exported model folder / ``.safetensors`` file, or a reference ``.pth`` checkpoint, in eval mode on
+    """An exported model (folder, ``.safetensors`` file, Hub repo id ``org/name[@revision]`` or registered model
+    ``models:/<name>@<alias>``: ``export.locate_exported``), or a reference ``.pth`` checkpoint, in eval mode on
     ``device``, with its model card (for a reference checkpoint, a card built from its args and the options)."""
-    path = Path(path)
-    if path.suffix in (".pth", ".pt"):
-        return load_reference_model(path, size, classes, targets, device)
-    return load_exported(path, device)
+    if Path(path).suffix in (".pth", ".pt"):
+        return load_reference_model(Path(path), size, classes, targets, device)
+    return load_exported(path, device)  # as given: a str may name a Hub repo
 
 
 def load_reference_model(path: Path, size: str | None, classes: list[str] | None, targets: list[str] | None,

@@ -5,7 +5,9 @@
 - ``optim``, ``losses``: AdamW with layer decay and the schedule; the fine-tuning criteria;
 - ``raytrain``, ``rendezvous``: Ray Train runs and checkpoints; the loopback rendezvous;
 - ``evaluation``: per-clip outputs over views, the test files (also prediction's forward);
-- ``export``: exported models and ``hicmae export``;
+- ``verify``: ``hicmae verify``, a model's test metrics computed again and compared with its card;
+- ``export``: exported models (the Hub's layout), loading them by folder or repo id, and ``hicmae export``;
+- ``hub``: Hugging Face Hub repo ids, the Hub's cache, and what the Hub reads of a model (config, metadata);
 - ``pretrain``: the pre-training stage and task; ``finetune``: the fine-tuning stage over a dataset's folds;
   ``finetune_fold``: one fold's task;
 - ``op_count``: aten ops a step dispatches (a proxy for GPU kernel launches).

@@ -1,8 +1,10 @@
 """Evaluating a fine-tuned model on labelled clips: per-clip outputs over views, scores, and the test files.
 
-``clip_outputs`` runs a model over an evaluation loader (one or more temporal views per clip) and averages
-each clip's outputs; ``score`` turns them into the dataset's metrics; ``test_files`` evaluates a fold's test
-clips with the last and the best weights and returns the files a fold keeps (``layout.FOLD_RESULT_FILES``).
+``evaluation_inputs`` makes the loader of a rank's share of a split (its batches, views and padding);
+``clip_outputs`` runs a model over it (one or more temporal views per clip) and averages each clip's outputs;
+``merge_outputs`` puts the ranks' shares together; ``score`` turns them into the dataset's metrics; ``test_files``
+evaluates a fold's test clips with the last and the best weights and returns the files a fold keeps
+(``layout.FOLD_RESULT_FILES``). ``pipeline.train.verify`` scores an exported model again through the same functions.
 
 The forward of a batch is ``eval_forward``, or a compiled version of it (``compiled.compiled``): then every batch
 is padded to the loader's full size (its last one is short), so that one graph serves them all.
@@ -13,13 +15,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+from functools import partial
 
 import numpy as np
 import torch
 
 from preprocessing.manifest import DatasetInfo
 
+from ..data.loaders import ClipDataset, evaluation_loader
+from ..data.sampling import rank_share
 from ..data.video_batch import device_batch
+from ..data.windows import finetune_eval_examples
 from ..layout import EMBEDDINGS_FILE, TEST_METRICS_FILE, predictions_file
 from ..metrics import classification_metrics, regression_metrics
 from .compiled import autocast, unwrap
@@ -42,6 +48,18 @@ def eval_forward(model: torch.nn.Module, video: torch.Tensor | None, audio: torc
     values = {"output": out.softmax(-1) if classification else out, "embedding/fused": features.embedding}
     values |= {f"embedding/{m}": e for m, e in features.weighted.items()}
     return {name: value.float() for name, value in values.items()}
+
+
+def evaluation_inputs(clips: list[str], catalog: dict, window, views: int, batch_size: int, workers: int,
+                      rank: int = 0, world_size: int = 1) -> dict:
+    """What ``clip_outputs`` needs to evaluate rank ``rank``'s share of ``clips`` (ids of ``catalog``:
+    ``data.clip_catalog``), ``views`` deterministic windows of ``window`` each: the loader (``batch_size // views``
+    clips a batch, all views of a clip in one) and ``batch_rows``, the rows every batch is padded to
+    (``batch_size``, at least ``views``), so that one compiled graph serves validation and test alike."""
+    examples = partial(finetune_eval_examples, window=window, views=views)
+    ids = rank_share(clips, rank, world_size)
+    loader = evaluation_loader(ClipDataset([catalog[c] for c in ids], examples), max(batch_size // views, 1), workers)
+    return {"loader": loader, "batch_rows": max(batch_size, views)}
 
 
 def padded(tensor: torch.Tensor | None, rows: int) -> torch.Tensor | None:
@@ -99,6 +117,11 @@ def gather_outputs(outputs: dict) -> dict:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, outputs)
+    return merge_outputs(parts)
+
+
+def merge_outputs(parts: list[dict]) -> dict:
+    """The ``clip_outputs`` of several ranks' shares as one, by clip id."""
     parts = [part for part in parts if part]
     if not parts:
         raise ValueError("the evaluation produced no clip")

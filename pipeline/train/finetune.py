@@ -8,7 +8,10 @@ training folds; the test fold is evaluated once, with both the last-epoch and th
 
 Writes ``runs/<dataset>/finetune/fold-k/`` (``layout.FOLD_RESULT_FILES`` and the exported best model), the
 dataset's ``info.json`` and confusion-matrix plots, and the fold mean/std in ``runs/<dataset>/metrics.json``.
-MLflow: a parent run ``finetune-<dataset>`` with the fold summary, a nested run per fold.
+MLflow: a parent run ``finetune-<dataset>`` with the fold summary, a nested run per fold, in which the fold's model
+is logged and registered as a version of ``hicmae-<dataset>``; the alias ``best`` names the fold chosen on validation
+(``pipeline.registry``). Each model card records how its test metrics were computed (``how_tested``), for
+``hicmae verify``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import torch
 
 from preprocessing.fileio import atomic_write_bytes, sha256_file, write_json
 from preprocessing.manifest import ClipRecord, DatasetInfo, read_manifest, split_for_fold
 from preprocessing.settings import PreprocessSettings
 from preprocessing.shard_index import ShardIndex
 
-from .. import tracking
+from .. import registry, tracking
 from ..config.params import DataParams, ScalingSettings, load_dataset_config
 from ..config.training import (
     FinetuneSettings,
@@ -36,10 +40,20 @@ from ..config.training import (
 )
 from ..console import Console, current
 from ..data.loaders import clip_catalog, shards_hash, verified_shards
-from ..layout import FOLD_RESULT_FILES, HISTORY_FILE, PREDICTION_EPOCHS, FinetuneRun, Layout, require, shown
+from ..layout import (
+    FOLD_RESULT_FILES,
+    HISTORY_FILE,
+    PREDICTION_EPOCHS,
+    FinetuneRun,
+    Layout,
+    predictions_file,
+    require,
+    shown,
+)
 from ..metrics import aggregate_folds, selection_metric
 from . import raytrain
-from .export import export_checkpoint
+from .compiled import resolve
+from .export import CARD_FILE, export_checkpoint, init_weights, resolve_init
 from .finetune_fold import finetune_worker
 from .loop import run_options
 from .preemption import Preempted, on_signals
@@ -74,6 +88,19 @@ def fold_config(settings: FinetuneSettings, info: DatasetInfo, fold: int, split:
             **(options or run_options())}
 
 
+def how_tested(config: dict, scaling: ScalingSettings, folder: Path) -> dict:
+    """How a fold's test metrics were computed (``FinetuneTask.final_files``), for its model card; ``hicmae verify``
+    computes them again from it: the test clips in the order the ranks shared them, the views and batch size of
+    ``evaluation.evaluation_inputs``, the number of ranks, the weights (the best epoch's), the device and compile
+    mode of the forward, and the sha256 of the best weights' per-clip predictions (in the last checkpoint
+    ``folder``)."""
+    device = "cuda" if scaling.use_gpu else "cpu"
+    return {"clips": config["split"]["test"], "views": config["settings"]["test_views"],
+            "batch_size": config["settings"]["batch_size"], "ranks": scaling.num_workers, "weights": "best",
+            "device": device, "compile": resolve(scaling.compile, torch.device(device)),
+            "predictions_sha256": sha256_file(folder / predictions_file("best"))}
+
+
 @dataclass(frozen=True)
 class FoldJob:
     """One fold's Ray Train run and its outputs, for any fold of ``configs`` (picklable: it runs as a Ray task,
@@ -95,17 +122,24 @@ class FoldJob:
         result = raytrain.run_trainer(finetune_worker, self.configs[fold], self.scaling,
                                       name=f"finetune-{self.info.name}-fold{fold}", storage=self.storage,
                                       inputs=self.inputs[fold])
-        fold_run = self.out.fold(fold)
         with result.checkpoint.as_directory() as folder:
-            for name in FOLD_RESULT_FILES:
-                atomic_write_bytes(fold_run.file(name), (Path(folder) / name).read_bytes())
-            export_checkpoint(folder, self.info, fold_run.model, data_hash=self.data_hash,
-                              source=f"{self.info.name} fine-tuning, test fold {fold}, best epoch",
-                              name=f"{self.info.name}-fold{fold}", window=self.window, preprocess=self.preprocess)
+            self.keep(fold, Path(folder))
+        fold_run = self.out.fold(fold)
         test = json.loads(fold_run.test_metrics.read_text())
         (self.configs[fold]["console"] or Console()).show(
             f"{self.info.name} fold {fold}: done, best epoch {test['best_epoch'] + 1} -> {shown(fold_run.model)}")
         return str(result.path)
+
+    def keep(self, fold: int, folder: Path) -> None:
+        """Copy ``fold``'s result files from its last checkpoint ``folder`` into ``fold-k/`` and export its best model,
+        with how its test metrics were computed (``how_tested``), to ``fold-k/model/``."""
+        fold_run = self.out.fold(fold)
+        for name in FOLD_RESULT_FILES:
+            atomic_write_bytes(fold_run.file(name), (folder / name).read_bytes())
+        export_checkpoint(folder, self.info, fold_run.model, data_hash=self.data_hash,
+                          source=f"{self.info.name} fine-tuning, test fold {fold}, best epoch",
+                          name=f"{self.info.name}-fold{fold}", window=self.window, preprocess=self.preprocess,
+                          evaluation=how_tested(self.configs[fold], self.scaling, folder))
 
 
 def run_folds(params: Params, settings: FinetuneSettings, layout: Layout, dataset: str, shards: list[ShardIndex],
@@ -167,9 +201,11 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
     data, out = layout.data(dataset), layout.finetune(dataset)
     require(data.manifest, f"run `hicmae manifest --dataset {dataset}` first")
     require(data.processed, f"run `hicmae preprocess --dataset {dataset}` first")
-    init = {"pretrain": str(layout.pretrain.checkpoint), "none": None}.get(settings.init, settings.init)
+    init = resolve_init(settings.init, layout.pretrain.checkpoint)  # a repo id: fetched here, once
     if init:
-        require(Path(init), "run `hicmae pretrain` first, or set finetune.init to none or a checkpoint file")
+        init = str(require(init, "run `hicmae pretrain` first, or set finetune.init to none, a checkpoint file, an "
+                                 "exported folder or a Hub repo id"))
+        init_weights(init)  # a file that cannot be used is said here, once, not by each fold's Ray Train workers
     info, _ = read_manifest(data.manifest)
     shards = verified_shards(data.processed, f"run `hicmae preprocess --dataset {dataset}` again to redo it")
     data_hash = shards_hash(shards)
@@ -194,6 +230,10 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
             for run in fold_runs.values():
                 run.finish(status="KILLED" if isinstance(err, Preempted) else "FAILED")
             raise
+        registry.register_folds(dataset, fold_models(out, {f: fold_runs[f] for f in per_fold}),
+                                {"dataset": dataset, "variant": params.variant, "data_hash": data_hash,
+                                 "protocol": settings.protocol,
+                                 "selection_metric": selection_metric(info.task, settings.protocol)})
         for fold, run in fold_runs.items():
             if fold in per_fold:
                 run.finish({"test": per_fold[fold]["best"], "test_last": per_fold[fold]["last"]})
@@ -215,6 +255,17 @@ def stage_finetune(params: DataParams, dataset: str) -> dict:
         current().show(line)
     current().show(f"finetune {dataset}: -> {shown(out.metrics)}, {shown(out.folder)}/fold-*/")
     return summary
+
+
+def fold_models(out: FinetuneRun, runs: dict[int, tracking.RunLogger]) -> dict[int, tuple[str, Path, float]]:
+    """Each finished fold's MLflow run id, exported model folder and validation score (its card's), by fold: what
+    ``registry.register_folds`` registers."""
+    found = {}
+    for fold, run in runs.items():
+        folder = out.fold(fold).model
+        card = json.loads((folder / CARD_FILE).read_text())
+        found[fold] = (run.run_id, folder, card["metrics"]["validation_score"])
+    return found
 
 
 def summary_table(per_fold: dict[int, dict], info: DatasetInfo, summary: dict) -> list[str]:

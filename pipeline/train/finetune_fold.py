@@ -19,12 +19,21 @@ from preprocessing.manifest import DatasetInfo
 
 from ..config.training import FinetuneSettings
 from ..data.augment.mixing import apply_mix, draw_mix
-from ..data.loaders import ClipDataset, evaluation_loader, training_loader
-from ..data.sampling import GlobalBatchSampler, rank_share
-from ..data.windows import finetune_eval_examples, finetune_train_examples
+from ..data.loaders import ClipDataset, training_loader
+from ..data.sampling import GlobalBatchSampler
+from ..data.windows import finetune_train_examples
 from ..metrics import selection_metric
 from .compiled import autocast, compiled, unwrap
-from .evaluation import clip_outputs, eval_forward, gather_outputs, model_inputs, score, test_files
+from .evaluation import (
+    clip_outputs,
+    eval_forward,
+    evaluation_inputs,
+    gather_outputs,
+    model_inputs,
+    score,
+    test_files,
+)
+from .export import init_weights
 from .loop import TrainData, TrainingTask, fit
 from .losses import label_smoothing_cross_entropy, soft_target_cross_entropy
 
@@ -82,7 +91,9 @@ class FinetuneTask(TrainingTask):
         outputs = len(info.classes) if info.task == "classification" else len(info.targets)
         model = HiCMAEClassifier(settings.model.build_config(drop_path_rate=settings.drop_path), outputs)
         if self.config.get("init"):
-            report = load_reference_weights(model, self.config["init"])
+            # a checkpoint's or an exported model's tensors, by name and shape (a pre-training model's decoders
+            # have no place here, and a head of other classes keeps its init), as the reference fine-tunes
+            report = load_reference_weights(model, init_weights(self.config["init"]), source=self.config["init"])
             if rank == 0:
                 self.console.detail(f"{self.label}: {report.counts()}")
                 self.console.detail(report.summary(limit=None))
@@ -105,12 +116,9 @@ class FinetuneTask(TrainingTask):
         """What ``clip_outputs`` needs to evaluate this rank's share of the clips of ``split[part]``, ``views``
         deterministic windows each: the loader, the evaluation forward (compiled once, in ``compile_mode``) and the
         rows every batch is padded to: ``batch_size`` for validation and test alike, so that one graph serves both."""
-        examples = partial(finetune_eval_examples, window=self.settings.window, views=views)
-        ids = rank_share(self.split[part], self.rank, self.world_size)
-        clips_per_batch = max(self.settings.batch_size // views, 1)
-        loader = evaluation_loader(ClipDataset([self.clips[c] for c in ids], examples), clips_per_batch,
-                                   self.config["loader_workers"])
-        return dict(loader=loader, forward=self.eval_forward(), batch_rows=max(self.settings.batch_size, views))
+        return {**evaluation_inputs(self.split[part], self.clips, self.settings.window, views, self.settings.batch_size,
+                                    self.config["loader_workers"], self.rank, self.world_size),
+                "forward": self.eval_forward()}
 
     def eval_forward(self):
         """``evaluation.eval_forward``, compiled in ``compile_mode`` (on first use; one graph for every batch)."""
