@@ -1,7 +1,6 @@
 """Exported models in the Hugging Face Hub's layout: the files, loading by folder, file and Hub repo id (a Hub cache
 built by hand, offline), strict loading, and pre-training models exported to go on pre-training and to fine-tune."""
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -12,10 +11,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from model import HiCMAEClassifier, HiCMAEPretrain, get_config
-from pipeline.config.training import FinetuneSettings, ModelSettings, Params, PretrainSettings
-from pipeline.layout import Layout, MissingInput
+from pipeline.config.training import FinetuneSettings, ModelSettings, PretrainSettings
+from pipeline.layout import MissingInput
 from pipeline.predict.video import load_model
-from pipeline.train import export, hub, pretrain
+from pipeline.train import export, hub
 from pipeline.train.export import (
     CARD_FILE,
     CONFIG_FILE,
@@ -249,41 +248,3 @@ def test_finetuning_starts_the_same_from_the_exported_folder_as_from_the_checkpo
     with pytest.raises(ModelError, match="junk.pt: not a readable PyTorch checkpoint"):  # a stage says it in a line
         init_weights(tmp_path / "junk.pt")
 
-
-class FakeCheckpoint:
-    """A Ray Train checkpoint folder, as ``raytrain.load_result_state`` reads it."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    @contextlib.contextmanager
-    def as_directory(self):
-        yield str(self.folder)
-
-
-def test_the_pretraining_stage_exports_its_model_and_passes_its_init_on(pretrained, tmp_path, monkeypatch):
-    """``run_pretrain`` around a stand-in for Ray Train: the workers get the init, the stage exports the model."""
-    net, folder, _ = pretrained
-    run = tmp_path / "ray_results" / "pretrain-demo-1"
-    (run / "checkpoint_000001").mkdir(parents=True)
-    torch.save({"model": net.state_dict(), "config": net.cfg.to_dict(), "epoch": 1},
-               run / "checkpoint_000001" / "state.pt")
-    (run / "checkpoint_000001" / "history.csv").write_text("epoch,train/loss\n0,1.5\n1,1.4\n")
-    workers = {}
-
-    def run_trainer(worker, config, scaling, **options):
-        workers.update(config)
-        return type("Result", (), {"checkpoint": FakeCheckpoint(run / "checkpoint_000001"), "path": str(run),
-                                   "metrics": {"epoch": 1, "train/loss": 1.4}})()
-
-    monkeypatch.setattr(pretrain.raytrain, "worker_console", lambda: None)
-    monkeypatch.setattr(pretrain.raytrain, "run_trainer", run_trainer)
-    monkeypatch.setenv("HICMAE_WORKDIR", str(tmp_path))
-    params = Params(pretrain=PretrainSettings(model=ModelSettings(size="hicmae_test"), init=str(folder)))
-    layout = Layout(tmp_path)
-    pretrain.run_pretrain(params, layout, [], init=resolve_init(params.pretrain.init))
-    assert workers["init"] == str(folder / WEIGHTS_FILE)
-    exported, card = read_exported(layout.pretrain.model)
-    assert all(torch.equal(exported.state_dict()[k], v) for k, v in net.state_dict().items())
-    assert card["metrics"] == {"epoch": 1, "train/loss": 1.4} and card["source"].startswith("demo pre-training")
-    assert str(tmp_path) not in "".join((layout.pretrain.model / name).read_text() for name in MODEL_FILES[1:])

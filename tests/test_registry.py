@@ -16,12 +16,21 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from demo_data import demo_workspace
 from mlflow_server import free_port, running_mlflow_server
 from safetensors.torch import load_file
 
+from model import HiCMAEPretrain, get_config
 from pipeline import cli, registry
-from pipeline.train.export import CARD_FILE, WEIGHTS_FILE, config_from_dict, export_model
+from pipeline.train.export import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    config_from_dict,
+    export_model,
+    export_pretrained,
+    read_exported,
+)
 from pipeline.train.verify import input_differences
 from preprocessing.manifest import DatasetInfo
 from preprocessing.settings import PreprocessSettings
@@ -206,3 +215,29 @@ def test_the_best_fold_is_chosen_on_validation_and_a_missing_server_is_one_line(
         mlflow.set_tracking_uri(None)
     assert capfd.readouterr().out == ("finetune mine: not registered in MLflow's Model Registry (connection refused); "
                                       "the exported models are in runs/ as before\n")
+
+
+@pytest.mark.system
+def test_the_pretraining_stage_goes_on_from_an_exported_folder_and_registers_its_own(demo_shards, server, tmp_path,
+                                                                                     monkeypatch):
+    """The real stage with ``pretrain.init`` an exported pre-training folder and a learning rate too small to move a
+    weight: the model it exports and registers is the folder's (a fresh start would be another random init)."""
+    torch.manual_seed(1)
+    start = HiCMAEPretrain(get_config("hicmae_test"))
+    folder = export_pretrained(start.state_dict(), start.cfg, "demo", {}, None, tmp_path / "start")
+    work = demo_workspace(demo_shards, tmp_path / "work", experiment="registry-pretrain", scaling=PARAMS["scaling"],
+                          pretrain={"dataset": "demo", "model": {"size": "hicmae_test"}, "init": str(folder),
+                                    "epochs": 1, "batch_size": 4,
+                                    "optim": {"lr": 1e-12, "min_lr": 0, "warmup_epochs": 0, "weight_decay": 0}})
+    monkeypatch.setenv("HICMAE_WORKDIR", str(work))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    try:
+        assert cli.main(["--params", str(work / "params.yaml"), "pretrain"]) == 0
+        [version] = mlflow.MlflowClient(server.url).search_model_versions("name = 'hicmae-pretrain-demo'")
+    finally:
+        mlflow.set_tracking_uri(None)
+    exported, card = read_exported(work / "runs/pretrain/model")
+    went_on = exported.state_dict()
+    for name, tensor in start.state_dict().items():
+        torch.testing.assert_close(went_on[name], tensor, rtol=0, atol=1e-9, msg=name)
+    assert "going on from the weights sha256" in card["source"] and version.tags["dataset"] == "demo"
