@@ -52,7 +52,9 @@ def failure_reason(err: BaseException) -> str:
     text = str(err)
     for needle, reason in (("refused", "connection refused"), ("timed out", "timed out"), ("timeout", "timed out"),
                            ("reset by peer", "connection reset"), ("aborted", "connection closed"),
-                           ("closed connection", "connection closed"), ("not known", "unknown host"),
+                           ("closed connection", "connection closed"),
+                           ("connection broken", "connection closed"),  # urllib3: the server went mid-response
+                           ("not known", "unknown host"),
                            ("failure in name resolution", "unknown host")):
         if needle in text.lower():
             return reason

@@ -402,6 +402,24 @@ def test_an_outage_delays_the_metrics_not_the_logging(server, tmp_path, sent, ca
     assert metric_queue.MISSING_SPAN_TAG not in tags
 
 
+@pytest.mark.parametrize(("error", "reason"), [
+    ("HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch "
+     "(Caused by NewConnectionError('Failed to establish a new connection: [Errno 111] Connection refused'))",
+     "connection refused"),
+    # the server killed while it answered: urllib3's words for a response cut short
+    ("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with exception ('Connection broken: "
+     "IncompleteRead(0 bytes read, 2 more expected)', IncompleteRead(0 bytes read, 2 more expected))",
+     "connection closed"),
+    ("('Connection aborted.', RemoteDisconnected('Remote end closed connection without response'))",
+     "connection closed"),
+    ("('Connection aborted.', ConnectionResetError(104, 'Connection reset by peer'))", "connection reset"),
+    ("HTTPConnectionPool(host='127.0.0.1', port=5000): Read timed out. (read timeout=5)", "timed out"),
+    ("Failed to resolve 'tracking.example' ([Errno -2] Name or service not known)", "unknown host"),
+])
+def test_a_failed_request_is_named_in_a_few_words(error, reason):
+    assert metric_queue.failure_reason(ConnectionError(error)) == reason
+
+
 def test_a_refused_batch_is_kept_aside_and_the_run_names_the_missing_span(server, tmp_path, capfd):
     """A point the server refuses (a key it does not accept) does not hold up the queue; it waits in the file, and a
     run whose points cannot be delivered says which ones in its tag."""
