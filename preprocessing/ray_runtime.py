@@ -11,10 +11,16 @@ and NCCL on the ``lo`` interface, and their rendezvous store on 127.0.0.1 (``pip
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
 import os
 
 SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray gives a new local node's raylet a fixed 30 s to register; on a machine busy with other work it can miss that, and
+# a second start, once the load has eased, is what a user would do by hand.
+NODE_START_TIMEOUT = "timed out during startup"
+LOCAL_STARTS = 2
 
 if not os.environ.get("RAY_ADDRESS"):
     os.environ.setdefault(SINGLE_MACHINE, "0")
@@ -39,9 +45,32 @@ def start_ray(log_to_driver: bool = False) -> bool:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # the collectives' sockets: loopback
             os.environ.setdefault(variable, "lo")
-        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=log_to_driver, configure_logging=False)
+        start_local(lambda: ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=True,
+                                     dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+                                     configure_logging=False))
     return True
+
+
+def start_local(init) -> None:
+    """``init()`` (``ray.init`` of a local node), started again if the node was too slow to start
+    (``NODE_START_TIMEOUT``): the processes the failed start left behind are ended first."""
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, LOCAL_STARTS + 1):
+        before = {child.pid for child in me.children(recursive=True)}
+        try:
+            init()
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for a node too slow to start
+            if NODE_START_TIMEOUT not in str(err) or attempt == LOCAL_STARTS:
+                raise
+            for child in me.children(recursive=True):  # its GCS, raylet, dashboard and reaper
+                if child.pid not in before:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+            logging.getLogger(__name__).warning("Ray's node did not start within the 30 s Ray gives it (a busy "
+                                                "machine?); starting it again (%d of %d)", attempt + 1, LOCAL_STARTS)
 
 
 def on_loopback() -> bool:
