@@ -36,6 +36,15 @@ def pytest_addoption(parser) -> None:
                           "(always the case when CI is set)")
 
 
+def pytest_configure(config) -> None:
+    # Ray's authentication mode as the stages set it (pipeline.console.quiet_libraries) before they import Ray, set
+    # here before any test module does: Ray reads it once, when first imported. In a test process that imported Ray
+    # before its first in-process stage (a test calling the preprocessing code directly, say), a local Ray started
+    # later would require a token that this process does not send ("Failed to start GCS ... InvalidAuthToken").
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 MODULE_SECONDS: dict[str, float] = defaultdict(float)
 
 
@@ -45,40 +54,51 @@ def pytest_runtest_logreport(report) -> None:
     MODULE_SECONDS[report.nodeid.split("::")[0]] += report.duration
 
 
-# The test processes (``./run.sh test`` starts two, pytest-xdist) take whole groups (``TestGroups``): a module is a
-# group, so that its module-scoped fixtures are made once, and the modules that check the shared end-to-end run
-# (``demo_run``) are one. The groups are handed out in this order, the longest first (from CI's "time per module"),
-# so that neither process is left with a long group at the end; the rest follow in collection order.
-DEMO_RUN_GROUP = "demo-run"
-DEMO_RUN_MODULES = ("tests/test_pipeline.py", "tests/test_compile_stages.py", "tests/test_preemption.py")
-LONGEST_FIRST = (DEMO_RUN_GROUP, "tests/test_dvc.py", "tests/test_ray_cluster.py", "tests/test_ray_nodes.py",
-                 "tests/test_folds.py", "tests/test_custom_pipeline.py", "tests/test_compile.py",
-                 "tests/test_predict_many.py", "tests/test_tracking_outage.py", "tests/test_divergence.py",
-                 "tests/test_full_disk.py")
-
-
-def test_group(nodeid: str) -> str:
-    module = nodeid.split("::")[0]
-    return DEMO_RUN_GROUP if module in DEMO_RUN_MODULES else module
+# The test processes (``./run.sh test`` starts three, pytest-xdist) take whole groups (``TestGroups``): a module is a
+# group, so that its module-scoped fixtures are made once. The groups are handed out in this order, the longest first
+# (from CI's "time per module"), so that no process is left with a long group at the end; the rest follow in
+# collection order. The session fixtures that take minutes (``demo_shards``, ``demo_run``) are made once for all
+# processes, by the first that needs them (``made_once``), while the others wait: the first module here makes the
+# end-to-end run (test_preemption: the longest of its users, ~5 minutes of ``demo_run`` plus ~6 of its own) and the
+# next ones, as many as there are processes, do not need it (the others of its users come after them, when it is
+# made). A process takes its next group before the last test of the one it runs (pytest-xdist's workers keep one test
+# back), so a group of one test starts with the next one on the same process.
+DEMO_RUN_FIRST = "tests/test_preemption.py"
+LONGEST_FIRST = (DEMO_RUN_FIRST, "tests/test_dvc.py", "tests/test_ray_nodes.py", "tests/test_tracking_outage.py",
+                 "tests/test_compile_stages.py", "tests/test_custom_pipeline.py", "tests/test_ray_cluster.py",
+                 "tests/test_compile.py", "tests/test_accumulation.py", "tests/test_folds.py",
+                 "tests/test_full_disk.py", "tests/test_predict_many.py", "tests/test_pipeline.py",
+                 "tests/test_registry.py", "tests/test_export_hub.py", "tests/test_divergence.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    strays = sorted({item.nodeid.split("::")[0] for item in items if "demo_run" in item.fixturenames} -
-                    set(DEMO_RUN_MODULES))
-    if strays:
-        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(strays)} to DEMO_RUN_MODULES (they use demo_run)")
+    missing = [name for name in LONGEST_FIRST if not (config.rootpath / name).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py: LONGEST_FIRST names no module {', '.join(missing)}")
+    unplanned = sorted({item.nodeid.split("::")[0] for item in items if "demo_run" in item.fixturenames} -
+                       set(LONGEST_FIRST))
+    if unplanned:  # would start at any time: at the end, or while the run is made, waiting for it
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(unplanned)} to LONGEST_FIRST (they use demo_run, "
+                                f"after {DEMO_RUN_FIRST} and the next groups, as many as test processes)")
     rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(test_group(item.nodeid), len(rank)))  # stable within a rank
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable within a rank
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Whole groups to each test process (``test_group``), in collection order (``LONGEST_FIRST`` first)."""
+    """Whole modules to each test process, in collection order (``LONGEST_FIRST`` first); a process gets its next
+    module only when the one it runs has a single test left (pytest-xdist's default: two), so that a long module
+    does not hold back the next one while the other processes could start it."""
     from xdist.scheduler import LoadScopeScheduling
 
     class TestGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return test_group(nodeid)
+            return nodeid.split("::")[0]
+
+        def _reschedule(self, node) -> None:
+            if not node.shutting_down and self.workqueue and self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
 
     return TestGroups(config, log)
 
@@ -117,22 +137,37 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
         yield server
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder ``name`` that ``make`` fills, once a test run: with several test processes, by the first that gets
+    here, under a lock in the base temp's parent, while the others wait; they then read it. If it failed, the others
+    fail at once with its error rather than making it again."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.mktemp(name)
+        make(root)
+        return root
+    root = tmp_path_factory.getbasetemp().parent / name
+    failed = root.with_name(f"{name}.failed")
+    with FileLock(f"{root}.lock"):
+        if failed.is_file():
+            pytest.fail(f"{name}: another test process failed to make it:\n{failed.read_text()}", pytrace=False)
+        if not (root / "made").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            try:
+                make(root)
+            except BaseException as err:
+                failed.write_text(f"{type(err).__name__}: {err}"[-6000:])
+                raise
+            (root / "made").touch()
+    return root
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory, mlflow_server) -> Path:
     """The tiny demo the training tests share, made once a run by the real stages (``manifest``, ``preprocess`` in
     this process, without Ray Data): ``raw/`` (15 clips), ``data/demo/`` (manifest, shards) and ``params.yaml``.
     Tests train on it in work folders of their own (``demo_workspace``); one that damages shards copies them."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: the first to get here makes it
-        root = tmp_path_factory.getbasetemp().parent / "demo"
-        with FileLock(f"{root}.lock"):
-            if not (root / "made").is_file():  # not a half-made one of a process that failed
-                shutil.rmtree(root, ignore_errors=True)
-                _make_demo_shards(root, mlflow_server)
-                (root / "made").touch()
-        return root
-    root = tmp_path_factory.mktemp("demo")
-    _make_demo_shards(root, mlflow_server)
-    return root
+    return made_once(tmp_path_factory, "demo", lambda root: _make_demo_shards(root, mlflow_server))
 
 
 def _make_demo_shards(root: Path, mlflow_server: MlflowServer) -> None:
@@ -148,11 +183,26 @@ def _make_demo_shards(root: Path, mlflow_server: MlflowServer) -> None:
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, demo_shards, mlflow_server) -> DemoRun:
-    """The tiny demo's five stages end to end, eager, 2 Ray Train workers (tests/demo_run.py), once a test run."""
-    work = tmp_path_factory.mktemp("e2e")
-    (work / "raw").symlink_to(demo_shards / "raw")
-    return run_demo_pipeline(work, mlflow_server)
+def demo_run(tmp_path_factory, demo_shards) -> DemoRun:
+    """The tiny demo's five stages end to end, eager, 2 Ray Train workers (tests/demo_run.py), once a test run (for
+    all test processes: read it, do not change it): ``work`` its work folder, ``mlflow`` the store it logged to."""
+
+    def make(root: Path) -> None:
+        (root / "work").mkdir()
+        (root / "work" / "raw").symlink_to(demo_shards / "raw")
+        run_demo_pipeline(root / "work", root / "mlflow").save(root / "run.json")
+
+    return DemoRun.load(made_once(tmp_path_factory, "e2e", make) / "run.json")
+
+
+@pytest.fixture(scope="module")
+def demo_run_mlflow(demo_run, tmp_path_factory) -> Iterator[MlflowServer]:
+    """A server over a copy of the store that ``demo_run`` logged to (its own server's, which it stopped): its
+    experiment ``e2e`` and runs, as any test process reads them."""
+    folder = tmp_path_factory.mktemp("demo-run-mlflow")
+    shutil.copytree(demo_run.mlflow, folder, dirs_exist_ok=True)
+    with running_mlflow_server(folder) as server:
+        yield server
 
 
 CLASSES = ("neutral", "happy", "angry", "sad")  # the classes of ``random_classifier``

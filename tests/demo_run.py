@@ -8,6 +8,7 @@ stages with it. While the stages that start Ray run, the listening sockets of th
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import psutil
 from demo_data import demo_params
+from mlflow_server import running_mlflow_server
 
 PROJECT = Path(__file__).resolve().parents[1]
 EPOCHS, FOLDS = 2, (1, 2)
@@ -31,6 +33,18 @@ class DemoRun:
     work: Path  # HICMAE_WORKDIR of the run: raw/ (the shared demo's clips), data/, runs/, reports/, logs/
     console: list[str]  # what the five stages printed, stdout and stderr
     sockets: set[tuple[str, int, str]]  # (address, port, process) listened on while preprocess and pretrain ran
+    mlflow: Path  # the folder of the MLflow store the run logged to (mlflow.db, artifacts/; its server stopped)
+
+    def save(self, path: Path) -> None:
+        """As JSON, for the other test processes (``load``)."""
+        path.write_text(json.dumps({"work": str(self.work), "console": self.console, "mlflow": str(self.mlflow),
+                                    "sockets": sorted(self.sockets)}))
+
+    @classmethod
+    def load(cls, path: Path) -> DemoRun:
+        saved = json.loads(path.read_text())
+        return cls(Path(saved["work"]), saved["console"], {tuple(socket) for socket in saved["sockets"]},
+                   Path(saved["mlflow"]))
 
 
 # The run's own sections of params.yaml over the shared demo (demo_data.demo_params): the test model size, 2 epochs,
@@ -46,16 +60,18 @@ PARAMS = {
 }
 
 
-def run_demo_pipeline(work: Path, server) -> DemoRun:
-    """The five stages in ``work`` (which holds ``raw``); fails on the first stage that does not exit 0."""
+def run_demo_pipeline(work: Path, mlflow: Path) -> DemoRun:
+    """The five stages in ``work`` (which holds ``raw``), logging to a server of their own with its store in
+    ``mlflow``; fails on the first stage that does not exit 0."""
     demo_params(work / "params.yaml", work, **PARAMS)
     console, sockets = [], set()
-    for argv in STAGES:
-        watch = argv[0] in ("preprocess", "pretrain")  # Ray Data; Ray Train, 2 workers on gloo
-        result = hicmae(work, server, *argv, sockets=sockets if watch else None)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        console += (result.stdout + result.stderr).splitlines()
-    return DemoRun(work, console, sockets)
+    with running_mlflow_server(mlflow) as server:
+        for argv in STAGES:
+            watch = argv[0] in ("preprocess", "pretrain")  # Ray Data; Ray Train, 2 workers on gloo
+            result = hicmae(work, server, *argv, sockets=sockets if watch else None)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            console += (result.stdout + result.stderr).splitlines()
+    return DemoRun(work, console, sockets, server.folder)
 
 
 def hicmae(work: Path, server, *args: str, sockets: set | None = None) -> subprocess.CompletedProcess:

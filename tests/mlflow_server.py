@@ -10,6 +10,11 @@ Tests get one server for the whole run through the session-scoped ``mlflow_serve
 Outside pytest: ``with running_mlflow_server(folder) as server: ...``. The server keeps its SQLite store,
 artifacts and log under that folder and is stopped (its whole process group) on exit. A test of an outage stops it
 and starts it again, on the same port with the same store: ``server.stop(signal.SIGKILL)``, ``server.start()``.
+
+Start-up is given minutes (``STARTUP_TIMEOUT_S``), not seconds: with three test processes on two cores it competes
+with Ray clusters and training runs, and a server that is slow to start is not a failure of the test that needs it.
+A new server whose process exits before it answers (its port, free when chosen, taken meanwhile by another test
+process's server or Ray) is started again on another port.
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
-STARTUP_TIMEOUT_S = 60.0
+STARTUP_TIMEOUT_S = 180.0
+STARTS = 3  # a new server on a free port: tries, each on a port of its own (ServerExited)
+
+
+class ServerExited(RuntimeError):
+    """The server's process ended before it answered ``/health``."""
 
 
 @dataclass
@@ -129,7 +139,7 @@ def _wait_until_healthy(server: MlflowServer, process: subprocess.Popen, timeout
     deadline = time.monotonic() + timeout
     while not _healthy(server.url):
         if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{server.log_tail()}")
+            raise ServerExited(f"mlflow server exited with {process.returncode}:\n{server.log_tail()}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"mlflow server not healthy after {timeout:.0f} s:\n{server.log_tail()}")
         time.sleep(0.2)
@@ -167,8 +177,14 @@ def running_mlflow_server(folder: str | Path, timeout: float = STARTUP_TIMEOUT_S
     """Start ``python -m mlflow server`` on a free loopback port, store and artifacts in ``folder``; yield it."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    server = MlflowServer(url=f"http://{HOST}:{free_port()}", folder=folder)
-    server.start(timeout)
+    for attempt in range(1, STARTS + 1):
+        server = MlflowServer(url=f"http://{HOST}:{free_port()}", folder=folder)
+        try:
+            server.start(timeout)
+            break
+        except ServerExited:
+            if attempt == STARTS:
+                raise
     try:
         yield server
     finally:

@@ -33,7 +33,8 @@ NOISE = ("Checkpoint successfully created", "Reporting training result", "TrainC
          "View run", "core_worker.cc")
 
 
-def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(demo_run, mlflow_server):
+def test_cli_pipeline_end_to_end_tracked_in_mlflow_server(demo_run, demo_run_mlflow):
+    mlflow_server = demo_run_mlflow  # the store the run logged to, served again (conftest.demo_run_mlflow)
     workdir, console, sockets = demo_run.work, demo_run.console, demo_run.sockets
     check_console(console)
 
