@@ -51,8 +51,12 @@ def quiet_libraries() -> None:
     if not loud:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the stage shows its run's URL
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # logging a model downloads its files
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # as Ray's default, said aloud: no notice at every start
+    # Token authentication for a local Ray, said aloud (no notice at every start). Ray reads the setting once, when
+    # it is imported, and the processes of a Ray started later inherit it: in a process that imported Ray already (a
+    # notebook, a script calling a stage's function) setting it now would start a GCS that asks this process for a
+    # token it never made ("InvalidAuthToken"), so there Ray keeps what it read.
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     for name in ("mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.INFO if loud else logging.WARNING)
 

@@ -63,3 +63,25 @@ def test_the_compiling_step_is_said_once_and_kept_out_of_the_rate():
     assert [step for step, _ in logged] == [2, 4]
     assert logged[0][1]["train_step/loss"] == pytest.approx(0.5)  # the compiling step's loss counts, its time not
     assert all(metrics["train_step/samples_per_s"] > 0 for _, metrics in logged)
+
+
+def test_a_stage_run_where_ray_was_imported_first_starts_its_local_ray():
+    """A notebook or script that imported Ray before calling a stage's function: the stage's library settings
+    (``quiet_libraries``) leave Ray's authentication as Ray read it, so the local Ray it starts lets it in."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.layout import PROJECT_ROOT
+
+    script = ("import ray\n"
+              "from pipeline.console import quiet_libraries\n"
+              "quiet_libraries()\n"
+              "from preprocessing.ray_runtime import start_ray\n"
+              "assert start_ray()\n"
+              "print('answer', ray.get(ray.put(41)) + 1)\n"
+              "ray.shutdown()\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "answer 42" in done.stdout, done.stderr[-3000:]
