@@ -102,9 +102,7 @@ def test_folds_side_by_side_equal_one_at_a_time_and_a_killed_fold_resumes(demo_s
         assert weights_a.keys() == weights_b.keys()
         assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), fold
 
-    experiment = mlflow_server.get("experiments/get-by-name", experiment_name="folds-together")["experiment"]
-    runs = mlflow_server.post("runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
-    by_name = {run["info"]["run_name"]: run for run in runs}
+    by_name = mlflow_server.runs_by_name("folds-together")
     resumed = []
     for fold in FOLDS:
         run = by_name[f"demo-fold{fold}"]
@@ -113,7 +111,14 @@ def test_folds_side_by_side_equal_one_at_a_time_and_a_killed_fold_resumes(demo_s
         assert "test/war" in keys
         resumed += [fold] if "resumed_from_epoch" in keys else []
     assert len(resumed) == 1  # the killed fold resumed; the other went on untouched
-    (start1, end1), (start2, end2) = (run_span(mlflow_server, by_name[f"demo-fold{fold}"]) for fold in FOLDS)
-    assert start1 < end2 and start2 < end1  # the two folds trained at the same time
+    # The two folds trained side by side: the second began training sooner after the first than one at a time, where
+    # it waits for the whole first fold. (Their steps need not interleave: on a busy machine one fold's few seconds of
+    # training can end while the other's Ray Train workers still start.)
+    (start1, _), (start2, _) = (run_span(mlflow_server, by_name[f"demo-fold{fold}"]) for fold in FOLDS)
+    by_name_alone = mlflow_server.runs_by_name("folds-alone")
+    (alone_start1, alone_end1), (alone_start2, _) = (run_span(mlflow_server, by_name_alone[f"demo-fold{fold}"])
+                                                     for fold in FOLDS)
+    assert alone_end1 < alone_start2  # one at a time, indeed
+    assert abs(start2 - start1) < alone_start2 - alone_start1, (start1, start2, alone_start1, alone_start2)
     assert not list((together_work / "ray_results").glob("finetune-*/*"))  # done: no run left to continue
     assert by_name["finetune-demo"]["info"]["status"] == "FINISHED"
