@@ -254,7 +254,7 @@ def build_demo(work: Path, clips: int, epochs: int, folds: list[int]) -> Path:
     return params
 
 
-def phases(events: list[dict], main_pid: int, began: float, ended: float) -> dict:
+def phases(events: list[dict], stage_pid: int, began: float, ended: float) -> dict:
     """One run's phases (seconds) from its stamps; see the module docstring."""
     def first(event: str, pid: int | None = None) -> dict | None:
         return next((e for e in events if e["event"] == event and pid in (None, e["pid"])), None)
@@ -264,24 +264,24 @@ def phases(events: list[dict], main_pid: int, began: float, ended: float) -> dic
         ends = [e["t"] for e in events if e["event"] == f"{name}_end"]
         return sum(end - begin for begin, end in zip(begins, ends, strict=False))
 
-    stage = first("stage_begin", main_pid)["t"]
+    stage = first("stage_begin", stage_pid)["t"]
     fit = first("trainer_fit_begin")["t"]
     step = min((e for e in events if e["event"] == "step_begin"), key=lambda e: e["t"])
     step_end = first("step_end", step["pid"])["t"]
     worker_fit = min(e["t"] for e in events if e["event"] == "worker_fit_begin")
-    stage_end = first("stage_end", main_pid)["t"]
+    stage_end = first("stage_end", stage_pid)["t"]
     mlflow = spans("mlflow_setup", fit) + spans("mlflow_child", fit)
-    imports = sorted((first(f"{name}_import_begin", main_pid)["t"], first(f"{name}_imported", main_pid)["t"])
-                     for name in ("mlflow", "tracking") if first(f"{name}_imported", main_pid))
+    imports = sorted((first(f"{name}_import_begin", stage_pid)["t"], first(f"{name}_imported", stage_pid)["t"])
+                     for name in ("mlflow", "tracking") if first(f"{name}_imported", stage_pid))
     covered = stage  # MLflow and the tracking module imported by the stage function itself (pretrain's): their union
     for begin, end in imports:
         mlflow += max(0.0, end - max(begin, covered))
         covered = max(covered, end)
-    ray, mine = 0.0, [e for e in events if e["pid"] == main_pid]  # stamps of a process are in their order
+    ray, mine = 0.0, [e for e in events if e["pid"] == stage_pid]  # stamps of a process are in their order
     for index, event in enumerate(mine):  # the call that started Ray: its begin, its end, then "ray_started"
         if event["event"] == "ray_started":
             ray = mine[index - 1]["t"] - max(e["t"] for e in mine[:index] if e["event"] == "start_ray_begin")
-    handlers, last = first("atexit_first", main_pid)["t"], first("atexit_last", main_pid)["t"]
+    handlers, last = first("atexit_first", stage_pid)["t"], first("atexit_last", stage_pid)["t"]
     done = [e["t"] for e in events if e["event"] == "worker_fit_end"]
     returns = [e["t"] - max(t for t in done if t <= e["t"]) for e in events if e["event"] == "trainer_fit_end"]
     return {"total": ended - began, "imports": stage - began, "mlflow": mlflow, "ray": ray,
@@ -308,10 +308,14 @@ def time_stage(name: str, code: Path, params: Path, work: Path, hooks: Path, run
     stamps = folder / f"{name}-{code.name}-{run}.jsonl"
     stamps.unlink(missing_ok=True)
     load = os.getloadavg()[0]
-    pid, began, ended = hicmae(code, params, STAGES[name][1], stage_env(work, code, hooks, stamps),
+    _, began, ended = hicmae(code, params, STAGES[name][1], stage_env(work, code, hooks, stamps),
                                stamps.with_suffix(".log"))
     events = [json.loads(line) for line in stamps.read_text().splitlines()]
-    return {"stage": name, "code": str(code), "run": run, "load": load, **phases(events, pid, began, ended),
+    # the stage function runs in the command's forked child (pipeline.supervisor), which leads a session of its own
+    stage_pid = next((e["pid"] for e in events if e["event"] == "stage_begin"), None)
+    if stage_pid is None:
+        sys.exit(f"benchmarks/startup.py: {name} left no stamp of its stage function in {stamps}")
+    return {"stage": name, "code": str(code), "run": run, "load": load, **phases(events, stage_pid, began, ended),
             "outputs": outputs_hash(work, name)}
 
 
