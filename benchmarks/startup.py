@@ -227,8 +227,8 @@ def stage_env(work: Path, code: Path, hooks: Path | None = None, stamps: Path | 
     return env
 
 
-def hicmae(code: Path, params: Path, argv: list[str], env: dict, log: Path) -> tuple[int, float, float]:
-    """Run ``python -m pipeline.cli --params P ARGV`` from ``code``, its output to ``log``; (pid, began, ended)
+def hicmae(code: Path, params: Path, argv: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """Run ``python -m pipeline.cli --params P ARGV`` from ``code``, its output to ``log``; (began, ended)
     in wall-clock time (exits on failure, naming the log)."""
     began = time.time()
     with log.open("w") as out:
@@ -238,7 +238,7 @@ def hicmae(code: Path, params: Path, argv: list[str], env: dict, log: Path) -> t
     ended = time.time()
     if status:
         sys.exit(f"benchmarks/startup.py: {' '.join(argv)} failed (exit {status}); see {log}")
-    return process.pid, began, ended
+    return began, ended
 
 
 def build_demo(work: Path, clips: int, epochs: int, folds: list[int]) -> Path:
@@ -254,8 +254,11 @@ def build_demo(work: Path, clips: int, epochs: int, folds: list[int]) -> Path:
     return params
 
 
-def phases(events: list[dict], stage_pid: int, began: float, ended: float) -> dict:
-    """One run's phases (seconds) from its stamps; see the module docstring."""
+def phases(events: list[dict], began: float, ended: float) -> dict:
+    """One run's phases (seconds) from its stamps; see the module docstring. The stage function runs in a forked
+    child of the command (``pipeline.supervisor``, a session of its own): the process that stamped its begin."""
+    stage_pid = next(e["pid"] for e in events if e["event"] == "stage_begin")
+
     def first(event: str, pid: int | None = None) -> dict | None:
         return next((e for e in events if e["event"] == event and pid in (None, e["pid"])), None)
 
@@ -308,14 +311,12 @@ def time_stage(name: str, code: Path, params: Path, work: Path, hooks: Path, run
     stamps = folder / f"{name}-{code.name}-{run}.jsonl"
     stamps.unlink(missing_ok=True)
     load = os.getloadavg()[0]
-    _, began, ended = hicmae(code, params, STAGES[name][1], stage_env(work, code, hooks, stamps),
-                               stamps.with_suffix(".log"))
+    began, ended = hicmae(code, params, STAGES[name][1], stage_env(work, code, hooks, stamps),
+                          stamps.with_suffix(".log"))
     events = [json.loads(line) for line in stamps.read_text().splitlines()]
-    # the stage function runs in the command's forked child (pipeline.supervisor), which leads a session of its own
-    stage_pid = next((e["pid"] for e in events if e["event"] == "stage_begin"), None)
-    if stage_pid is None:
+    if not any(e["event"] == "stage_begin" for e in events):
         sys.exit(f"benchmarks/startup.py: {name} left no stamp of its stage function in {stamps}")
-    return {"stage": name, "code": str(code), "run": run, "load": load, **phases(events, stage_pid, began, ended),
+    return {"stage": name, "code": str(code), "run": run, "load": load, **phases(events, began, ended),
             "outputs": outputs_hash(work, name)}
 
 

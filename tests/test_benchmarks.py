@@ -138,16 +138,17 @@ def test_startup_benchmark_times_phases_from_the_commands_own_processes(tmp_path
              "mlflow_setup_begin": 3, "mlflow_setup_end": 4, "start_ray_begin": 4, "start_ray_end": 9,
              "ray_started": 9, "trainer_fit_begin": 10, "trainer_fit_end": 31, "stage_end": 32, "atexit_first": 32.1,
              "atexit_last": 34}
-    run = [{"t": t, "pid": 1, "event": event} for event, t in times.items()]
+    run = [{"t": 0.1, "pid": 0, "event": "python"}]  # the command, which forks the stage's process (pid 1)
+    run += [{"t": t, "pid": 1, "event": event} for event, t in times.items()]
     for pid, fit, step in ((2, 20, 25), (3, 21, 25.1)):  # two ranks: the first step is the earliest
         run += [{"t": t, "pid": pid, "event": event} for event, t in (
             ("python", fit - 5), ("worker_fit_begin", fit), ("step_begin", step), ("step_end", 26),
             ("worker_fit_end", 30 + pid / 10))]
-    phases = startup.phases(sorted(run, key=lambda e: e["t"]), main_pid=1, began=0, ended=35)
+    phases = startup.phases(sorted(run, key=lambda e: e["t"]), began=0, ended=35)
     assert {name: round(phases[name], 6) for name in startup.PHASES} == {
         "imports": 2, "mlflow": 1.9, "ray": 5, "other": 1.1, "raytrain": 15, "first_step": 1, "rest": 9}
     assert sum(phases[name] for name in startup.PHASES) == pytest.approx(phases["total"]) == 35
-    assert phases["fit_return"] == pytest.approx(0.7) and phases["finalise"] == 1 and phases["processes"] == 2
+    assert phases["fit_return"] == pytest.approx(0.7) and phases["finalise"] == 1 and phases["processes"] == 3
 
     [row] = startup.import_times([BENCHMARKS.parent], ["pipeline.tracking"], runs=1)
     assert row["wall"] > row["packages"]["mlflow"] > 0
