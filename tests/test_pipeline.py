@@ -3,8 +3,8 @@
 The run is ``conftest.demo_run`` (tests/demo_run.py): the real command (``python -m pipeline.cli``, a process of its
 own as a user's) on a real Ray (loopback) and a real ``mlflow server``, with 2 Ray Train workers (DDP on gloo) and
 both folds at once. These tests read what it printed: a header, each epoch's line once per fold, progress within
-epochs, a summary with the fold metrics and nothing of the libraries' internals (``--verbose`` shows those); the log
-file and MLflow keep them, with step-level curves.
+epochs, a summary with the fold metrics and nothing of the libraries' internals (``--verbose`` shows those:
+tests/test_preemption.py); the log file and MLflow keep them, with step-level curves.
 
 While the stages ran, every socket their process trees listened on was recorded: a local Ray really is local (with
 no ``RAY_ADDRESS``, the GCS, raylet, object manager, dashboard and its agents, each worker's gRPC server, Ray Data's
@@ -17,7 +17,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from demo_run import EPOCHS, FOLDS, hicmae, is_loopback
+from demo_run import EPOCHS, FOLDS, is_loopback
 from matplotlib.image import imread
 
 from pipeline.train.export import init_weights
@@ -154,17 +154,3 @@ def check_console(console: list[str]) -> None:
         assert re.search(rf"^ +{fold} +\d+\.\d", summary, re.M), summary
     assert re.search(r"mean ± std +\d+\.\d ± \d+\.\d", summary), summary
     assert "runs/demo/metrics.json" in text and "logs/finetune-demo.log" in text
-
-
-def test_verbose_shows_the_details(demo_run, mlflow_server, tmp_path):
-    work = tmp_path / "verbose"  # a folder of its own: the end-to-end run's outputs stay as they are
-    work.mkdir()
-    (work / "data").symlink_to(demo_run.work / "data")
-    (work / "params.yaml").write_text((demo_run.work / "params.yaml").read_text())
-    result = hicmae(work, mlflow_server, "--verbose", "--set", "finetune.folds=[1]", "--set", "finetune.epochs=1",
-                    "--set", f"finetune.init={demo_run.work / 'runs/pretrain/checkpoint.pt'}",
-                    "finetune", "--dataset", "demo")
-    assert result.returncode == 0, result.stderr[-3000:]
-    text = result.stdout + result.stderr
-    assert "missing" in text and "unexpected" in text      # the checkpoint's names
-    assert "Checkpoint successfully created" in text       # Ray Train's own lines

@@ -1,7 +1,8 @@
 """A training stage stopped as a scheduler preempts a job (SIGTERM to the command's process group, mid-epoch) saves a
 checkpoint at its next step and exits with one line; the same command then continues it and ends with exactly the
 outputs of the end-to-end run that was never stopped (``conftest.demo_run``: the same params, 2 Ray Train workers).
-Inputs changed between the two start the stage afresh, saying what changed.
+Inputs changed between the two start the stage afresh, saying what changed. The continued fine-tuning runs with
+``--verbose``, which shows what a stage keeps to its log otherwise: the details and the libraries' own lines.
 """
 
 from __future__ import annotations
@@ -118,9 +119,11 @@ def test_preempted_stages_continue_to_the_uninterrupted_result(demo_run, mlflow_
     assert re.search(r"hicmae: finetune demo: stopped on request \(SIGTERM\): folds? [\d, ]+ stopped with a "
                      r"checkpoint.*run the same command", output), output[-3000:]
     assert took < 20
-    code, output = run(work, mlflow_server, *finetune)
+    code, output = run(work, mlflow_server, "--verbose", *finetune)  # the details and the libraries' lines too
     assert code == 0, output[-3000:]
     assert output.count("continues the interrupted run of the same data, params and code") >= 1, output
+    assert "missing" in output and "unexpected" in output  # the init checkpoint's names, loaded before resuming
+    assert "Checkpoint successfully created" in output      # Ray Train's own lines
     reference_folds, resumed_folds = (root / "runs/demo/finetune" for root in (demo_run.work, work))
     for fold in (1, 2):
         for name in ("test_metrics.json", "history.csv", "predictions_best.csv"):
