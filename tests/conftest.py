@@ -64,12 +64,9 @@ def pytest_runtest_logreport(report) -> None:
 # made). A process takes its next group before the last test of the one it runs (pytest-xdist's workers keep one test
 # back), so a group of one test starts with the next one on the same process.
 DEMO_RUN_FIRST = "tests/test_preemption.py"
-# test_compile goes before test_compile_stages, which compiles the same graphs in its Ray Train workers: on a machine
-# whose inductor cache is empty (CI's), the stages then find its kernels compiled (on disk) rather than compiling
-# them at the same time.
-LONGEST_FIRST = (DEMO_RUN_FIRST, "tests/test_dvc.py", "tests/test_compile.py", "tests/test_ray_nodes.py",
-                 "tests/test_tracking_outage.py", "tests/test_compile_stages.py", "tests/test_accumulation.py",
-                 "tests/test_custom_pipeline.py", "tests/test_ray_cluster.py", "tests/test_folds.py",
+LONGEST_FIRST = (DEMO_RUN_FIRST, "tests/test_dvc.py", "tests/test_ray_nodes.py", "tests/test_tracking_outage.py",
+                 "tests/test_compile_stages.py", "tests/test_custom_pipeline.py", "tests/test_ray_cluster.py",
+                 "tests/test_compile.py", "tests/test_accumulation.py", "tests/test_folds.py",
                  "tests/test_full_disk.py", "tests/test_predict_many.py", "tests/test_pipeline.py",
                  "tests/test_registry.py", "tests/test_export_hub.py", "tests/test_divergence.py")
 
