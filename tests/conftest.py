@@ -64,6 +64,9 @@ def pytest_runtest_logreport(report) -> None:
 # made). A process takes its next group before the last test of the one it runs (pytest-xdist's workers keep one test
 # back), so a group of one test starts with the next one on the same process.
 DEMO_RUN_FIRST = "tests/test_preemption.py"
+# test_compile_stages before test_compile: on an empty inductor cache (CI's) the stages compile the step's kernels
+# and test_compile finds them on disk; the other way round, the stages' workers still compile most of theirs
+# (evaluation's, DDP's), and the two modules took 280 s more in all.
 LONGEST_FIRST = (DEMO_RUN_FIRST, "tests/test_dvc.py", "tests/test_ray_nodes.py", "tests/test_tracking_outage.py",
                  "tests/test_compile_stages.py", "tests/test_custom_pipeline.py", "tests/test_ray_cluster.py",
                  "tests/test_compile.py", "tests/test_accumulation.py", "tests/test_folds.py",
